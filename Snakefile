@@ -1,0 +1,28 @@
+# normres: a reproducible study of normalization layers in deep CNNs.
+#
+# Results path convention (docs/architecture.md):
+#   resources/{dataset}/data.pt                                         prepared uint8 tensors
+#   results/runs/{study}/{norm}/n{depth}_b{batch_size}/seed{seed}/      model, history, metrics, predictions
+#   results/{runs,summary,histories}.csv                                aggregated over runs and seeds
+#   results/figures/...                                                 figures
+#   results/report.html                                                 the self-contained report
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/aggregate.smk"
+include: "workflow/rules/figures.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    input:
+        get_final_outputs,

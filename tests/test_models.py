@@ -1,0 +1,56 @@
+import pytest
+import torch
+
+from normres.models import build_model, count_parameters, feature_quantiles, norm_channels
+from normres.norms import NORMS
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_resnet_has_6n_plus_2_weighted_layers(n):
+    model = build_model("resnet", "torch_bn", n, 3, 10)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(convs) + len(linears) == 6 * n + 2
+    # two projection shortcuts (16->32, 32->64), each a 1x1 conv followed by a norm
+    assert sum(isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1) for m in model.modules()) == 2
+
+
+def test_resnet_widths_and_norm_after_every_conv():
+    model = build_model("resnet", "gn", 1, 3, 10, {"groups": 8})
+    from normres.norms import GroupNorm
+
+    norms = [m for m in model.modules() if isinstance(m, GroupNorm)]
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(norms) == len(convs)
+    assert sorted({m.out_channels for m in convs}) == norm_channels("resnet", 1) == [16, 32, 64]
+
+
+@pytest.mark.parametrize("norm", sorted(NORMS))
+@pytest.mark.parametrize("model,shape", [("resnet", (3, 32, 32)), ("cnn", (1, 28, 28))])
+def test_every_norm_in_every_model(norm, model, shape):
+    opts = {"groups": 4} if norm == "gn" else {}
+    net = build_model(model, norm, 1, shape[0], 10, opts)
+    x = torch.randn(4, *shape)
+    out = net(x)
+    assert out.shape == (4, 10)
+    out.sum().backward()
+    assert net.features(x).shape[0] == 4
+
+
+def test_cnn_is_small():
+    assert count_parameters(build_model("cnn", "bn", 1, 1, 10)) < 20_000
+
+
+def test_errors_list_choices():
+    with pytest.raises(ValueError, match="unknown model 'vgg' \\(choose from: resnet, cnn\\)"):
+        build_model("vgg", "bn", 1, 3, 10)
+    with pytest.raises(ValueError, match="depth n must be >= 1"):
+        build_model("resnet", "bn", 0, 3, 10)
+
+
+def test_feature_quantiles_match_numpy():
+    f = torch.randn(100, 64)
+    import numpy as np
+
+    expected = np.quantile(f.numpy().ravel(), [0.01, 0.2, 0.8, 0.99])
+    assert np.allclose(feature_quantiles(f), expected, atol=1e-5)

@@ -1,0 +1,15 @@
+"""Snakemake glue: test one trained run into predictions.csv and metrics.csv."""
+
+from normres.evaluate import test_run
+from normres.io import log_to
+
+with log_to(snakemake.log[0]) as log:
+    metrics = test_run(
+        snakemake.input.model,
+        snakemake.input.record,
+        snakemake.input.data,
+        snakemake.output.predictions,
+        snakemake.output.metrics,
+        threads=snakemake.threads,
+    )
+    log(f"\n{metrics.to_string(index=False)}")

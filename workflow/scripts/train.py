@@ -1,0 +1,15 @@
+"""Snakemake glue: train one run (torch threads follow the rule's `threads`)."""
+
+from pathlib import Path
+
+from normres.io import log_to
+from normres.train import train_run
+
+with log_to(snakemake.log[0]) as log:
+    train_run(
+        snakemake.params.settings,
+        snakemake.input.data,
+        Path(snakemake.output.model).parent,
+        threads=snakemake.threads,
+        log=log,
+    )
