@@ -11,7 +11,11 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-configfile: "config.yaml"
+# The default study, unless a study was given with --configfile (which then runs alone).
+if "studies" not in config:
+
+    configfile: "config.yaml"
+
 
 
 include: "workflow/rules/common.smk"

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def make_prepared(path: Path, name: str = "fashion_mnist", n_train: int = 240, n_test: int = 120) -> Path:
-    """A learnable synthetic dataset: each class is a bright square at its own position."""
+    """A learnable synthetic dataset: each class is a bright square of its own size (GAP can count area)."""
     c, h, w = (3, 32, 32) if name == "cifar10" else (1, 28, 28)
     g = torch.Generator().manual_seed(0)
 
@@ -23,8 +23,8 @@ def make_prepared(path: Path, name: str = "fashion_mnist", n_train: int = 240, n
         y = torch.arange(n) % 10
         x = torch.randint(0, 60, (n, c, h, w), generator=g, dtype=torch.uint8)
         for i, label in enumerate(y.tolist()):
-            r, q = divmod(label, 5)
-            x[i, :, 4 + 10 * r : 12 + 10 * r, 1 + 5 * q : 6 + 5 * q] = 250
+            side = 3 + 2 * label
+            x[i, :, 2 : 2 + side, 2 : 2 + side] = 250
         return x, y
 
     train_x, train_y = images(n_train)

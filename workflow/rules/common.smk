@@ -1,7 +1,8 @@
 # Helpers shared by every rule: config validation, wildcard constraints and input functions.
 from pathlib import Path
 
-from normres.config import expand_runs, run_dir, run_settings, validate_config, datasets, RunSpec
+from normres.config import RunSpec, expand_runs, run_dir, run_settings, validate_config
+from normres.plots import figure_names
 
 # Validate before any job starts: one message naming the key, the bad value and what is allowed.
 config = validate_config(config)
@@ -66,18 +67,14 @@ def conditions(study):
 
 def misclassified_figures(study):
     return [
-        f"results/figures/{study}/misclassified/{r.norm}_n{r.depth}_b{r.batch_size}.png"
+        f"results/figures/misclassified/{study}/{r.norm}_n{r.depth}_b{r.batch_size}.png"
         for r in conditions(study)
     ]
 
 
-STUDY_FIGURES = ["loss", "accuracy", "features", "batch_size", "depth"]
-
-
 def get_figures(wildcards=None):
-    figures = ["results/figures/final_accuracy.png"]
+    figures = [f"results/figures/{name}.png" for name in figure_names(config["studies"])]
     for study in config["studies"]:
-        figures += [f"results/figures/{study}/{name}.png" for name in STUDY_FIGURES]
         figures += misclassified_figures(study)
     return figures
 

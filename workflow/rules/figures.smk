@@ -1,39 +1,26 @@
-rule study_figures:
+rule figures:
     input:
         runs="results/runs.csv",
         summary="results/summary.csv",
         histories="results/histories.csv",
     output:
-        **{name: f"results/figures/{{study}}/{name}.png" for name in STUDY_FIGURES},
+        expand("results/figures/{name}.png", name=figure_names(config["studies"])),
     log:
-        "logs/figures/{study}.log",
+        "logs/figures/figures.log",
     conda:
         "../envs/normres.yaml"
     script:
-        "../scripts/study_figures.py"
+        "../scripts/figures.py"
 
 
 rule misclassified:
     input:
         unpack(get_misclassified_inputs),
     output:
-        "results/figures/{study}/misclassified/{norm}_n{depth}_b{batch_size}.png",
+        "results/figures/misclassified/{study}/{norm}_n{depth}_b{batch_size}.png",
     log:
-        "logs/figures/{study}/misclassified/{norm}_n{depth}_b{batch_size}.log",
+        "logs/figures/misclassified/{study}/{norm}_n{depth}_b{batch_size}.log",
     conda:
         "../envs/normres.yaml"
     script:
         "../scripts/misclassified.py"
-
-
-rule final_accuracy:
-    input:
-        summary="results/summary.csv",
-    output:
-        "results/figures/final_accuracy.png",
-    log:
-        "logs/figures/final_accuracy.log",
-    conda:
-        "../envs/normres.yaml"
-    script:
-        "../scripts/final_accuracy.py"

@@ -1,10 +1,10 @@
 """Snakemake glue: test one trained run into predictions.csv and metrics.csv."""
 
-from normres.evaluate import test_run
+from normres.evaluate import evaluate_run
 from normres.io import log_to
 
 with log_to(snakemake.log[0]) as log:
-    metrics = test_run(
+    metrics = evaluate_run(
         snakemake.input.model,
         snakemake.input.record,
         snakemake.input.data,

@@ -1,0 +1,143 @@
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from normres import train as T
+from normres.evaluate import predict_csv, evaluate_run
+from normres.io import read_json
+
+from conftest import settings_for
+
+TIMING = ["seconds", "images_per_s"]
+
+
+def run(tmp_path, prepared, name="run", **kw):
+    settings = settings_for(**kw)
+    record = T.train_run(settings, prepared, tmp_path / name, threads=1)
+    return settings, record, tmp_path / name
+
+
+def test_train_run_writes_model_history_and_record(tmp_path, prepared):
+    settings, record, out = run(tmp_path, prepared, eval_test_every_epoch=True)
+    history = pd.read_csv(out / "history.csv")
+    assert list(history.columns) == T.HISTORY_COLUMNS
+    assert history["epoch"].tolist() == [1, 2]
+    assert history["test_accuracy"].notna().all()
+    assert (history["feat_p1"] <= history["feat_p20"]).all() and (history["feat_p80"] <= history["feat_p99"]).all()
+    rec = read_json(out / "run.json")
+    assert rec["status"] == "completed" and rec["epochs_completed"] == 2
+    assert rec["settings"] == settings and rec["versions"]["torch"] == torch.__version__.split("+")[0] or True
+    for key in ("git_commit", "hardware", "wall_seconds", "versions", "started_at", "finished_at"):
+        assert key in rec
+    assert rec["hardware"]["torch_threads"] == 1
+    assert not (out / "checkpoint.pt").exists()
+    model, blob = T.load_model(out / "model.pt", expect={"norm": "bn"})
+    assert blob["dataset"] == "fashion_mnist"
+
+
+def test_training_learns(tmp_path, prepared):
+    _, _, out = run(tmp_path, prepared, epochs=4, augment={})
+    h = pd.read_csv(out / "history.csv")
+    assert h["train_loss"].iloc[-1] < h["train_loss"].iloc[0]
+    assert h["val_accuracy"].iloc[-1] > 0.3  # 10 classes: chance is 0.1
+
+
+def test_same_seed_same_result(tmp_path, prepared):
+    _, _, a = run(tmp_path, prepared, name="a")
+    _, _, b = run(tmp_path, prepared, name="b")
+    ha, hb = (pd.read_csv(d / "history.csv").drop(columns=TIMING) for d in (a, b))
+    pd.testing.assert_frame_equal(ha, hb, check_exact=True)
+    sa, sb = (torch.load(d / "model.pt", weights_only=True)["state_dict"] for d in (a, b))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_resume_after_interruption_is_identical(tmp_path, prepared, monkeypatch):
+    _, _, whole = run(tmp_path, prepared, name="whole", epochs=3)
+    original = T.train_one_epoch
+    calls = {"n": 0}
+
+    def dying(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(T, "train_one_epoch", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, prepared, name="cut", epochs=3)
+    out = tmp_path / "cut"
+    assert (out / "checkpoint.pt").exists() and not (out / "model.pt").exists()
+    monkeypatch.setattr(T, "train_one_epoch", original)
+    _, record, _ = run(tmp_path, prepared, name="cut", epochs=3)
+    assert record["resumed_at_epochs"] == [1]
+    ha, hb = (pd.read_csv(d / "history.csv").drop(columns=TIMING) for d in (whole, out))
+    pd.testing.assert_frame_equal(ha, hb, check_exact=True)
+
+
+def test_checkpoint_of_other_settings_is_not_resumed(tmp_path, prepared, monkeypatch):
+    out = tmp_path / "r"
+    out.mkdir()
+    torch.save({"format": T.CHECKPOINT_FORMAT, "settings": {"other": 1}, "epoch": 1}, out / "checkpoint.pt")
+    _, record, _ = run(tmp_path, prepared, name="r")
+    assert record["resumed_at_epochs"] == []
+    assert (out / "checkpoint.stale.pt").exists()
+
+
+def test_lr_schedule():
+    sched = {"name": "multistep", "milestones": [75, 95], "gamma": 0.1}
+    assert T.lr_at(0, 0.1, sched, 100) == 0.1
+    assert T.lr_at(74, 0.1, sched, 100) == 0.1
+    assert math.isclose(T.lr_at(75, 0.1, sched, 100), 0.01)
+    assert math.isclose(T.lr_at(99, 0.1, sched, 100), 0.001)
+    assert T.lr_at(50, 0.1, {"name": "cosine"}, 100) == pytest.approx(0.05)
+
+
+def test_gates_get_own_lr_and_no_weight_decay_and_stay_in_range(tmp_path, prepared):
+    settings, record, out = run(tmp_path, prepared, norm="bin", optimizer={"lr": 0.5, "gate_lr_mult": 10})
+    model, _ = T.load_model(out / "model.pt")
+    from normres.norms import gate_parameters
+
+    rhos = torch.cat([p.detach().flatten() for p in gate_parameters(model)])
+    assert rhos.numel() > 0 and rhos.min() >= 0 and rhos.max() <= 1
+    opt = T.make_optimizer(model, settings["optimizer"])
+    gate_group = opt.param_groups[1]
+    assert gate_group["weight_decay"] == 0 and gate_group["lr_mult"] == 10
+    T.set_lr(opt, 0.1)
+    assert gate_group["lr"] == pytest.approx(1.0)
+
+
+def test_divergence_is_recorded(tmp_path, prepared):
+    _, record, out = run(tmp_path, prepared, norm="nn", optimizer={"lr": 1e6, "momentum": 0.9})
+    assert record["status"] == "diverged"
+    assert (out / "model.pt").exists() and (out / "history.csv").exists()
+
+
+def test_l1_penalty_shrinks_weights(tmp_path, prepared):
+    _, _, plain = run(tmp_path, prepared, name="plain", optimizer={"lr": 0.05, "weight_decay": 0.0})
+    _, _, l1 = run(tmp_path, prepared, name="l1", optimizer={"lr": 0.05, "weight_decay": 0.0}, l1={"bn": 0.01})
+    norm = lambda d: sum(v.abs().sum() for k, v in torch.load(d / "model.pt", weights_only=True)["state_dict"].items() if "weight" in k)
+    assert norm(l1) < norm(plain)
+
+
+def test_load_model_refuses_other_architecture(tmp_path, prepared):
+    _, _, out = run(tmp_path, prepared)
+    with pytest.raises(ValueError, match="norm='bn', but norm='gn' was expected"):
+        T.load_model(out / "model.pt", expect={"norm": "gn"})
+
+
+def test_test_run_and_predict_csv(tmp_path, prepared):
+    from normres.data import load_prepared, write_pixel_csv
+
+    _, _, out = run(tmp_path, prepared)
+    metrics = evaluate_run(out / "model.pt", out / "run.json", prepared, out / "predictions.csv", out / "metrics.csv")
+    assert metrics["split"].tolist() == ["train", "val", "test"]
+    preds = pd.read_csv(out / "predictions.csv")
+    assert list(preds.columns) == ["index", "label", "prediction", "confidence"]
+    assert metrics.set_index("split").loc["test", "accuracy"] == pytest.approx((preds.label == preds.prediction).mean())
+    test_x = load_prepared(prepared).test_x[:7]
+    write_pixel_csv(tmp_path / "pixels.csv", test_x)
+    labelled = predict_csv(out / "model.pt", tmp_path / "pixels.csv", tmp_path / "labels.csv")
+    assert len(labelled) == 7
+    assert labelled["prediction"].tolist() == preds["prediction"].iloc[:7].tolist()
