@@ -362,6 +362,8 @@ def train_run(
     wall0 = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in out_dir.glob(".*.tmp"):  # half-written files of a killed job
+        leftover.unlink()
     configure_torch(threads)
     dev = select_device(device)
     seed = int(settings["seed"])
@@ -376,10 +378,10 @@ def train_run(
     start_epoch, history, extra = _resume(ck_path, settings, model, optimizer, log)
     resumed = extra.get("resumed_at", []) + ([start_epoch] if start_epoch else [])
 
-    aug_spec = dict(settings["augment"])
+    aug = D.Augmentation.from_options(settings["augment"], data.spec)
 
     def augment(xb: Tensor, g: torch.Generator) -> Tensor:
-        out = D.augment(xb, aug_spec, data.spec, g)
+        out = aug(xb, g)
         return out.contiguous(memory_format=torch.channels_last) if dev.type == "cuda" else out
 
     step = None
