@@ -37,6 +37,11 @@ def _prepare(args: argparse.Namespace) -> None:
     print(f"prepared {out}")
 
 
+def default_milestones(epochs: int) -> list[int]:
+    """The CIFAR study's 75/95 of 100 epochs, scaled to ``epochs``."""
+    return sorted({m for m in (round(0.75 * epochs), round(0.95 * epochs)) if 1 <= m < epochs})
+
+
 def _train(args: argparse.Namespace) -> None:
     from normres.config import RunSpec, run_settings, validate_config
     from normres.train import train_run
@@ -50,7 +55,7 @@ def _train(args: argparse.Namespace) -> None:
         "val_size": args.val_size,
         "train_subset": args.train_subset,
         "optimizer": {"lr": args.lr, "weight_decay": args.weight_decay},
-        "schedule": {"milestones": args.milestones},
+        "schedule": {"milestones": args.milestones if args.milestones is not None else default_milestones(args.epochs)},
         "augment": {"crop_pad": args.crop_pad, "flip": args.flip, "rotation": args.rotation},
         "norm_options": {"gn": {"groups": args.groups}} if args.norm == "gn" else {},
         "l1": {args.norm: args.l1} if args.l1 else {},
@@ -66,13 +71,13 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _test(args: argparse.Namespace) -> None:
-    from normres.evaluate import test_run
+    from normres.evaluate import evaluate_run
     from normres.io import read_json
 
     run = Path(args.run_dir)
     dataset = read_json(run / "run.json")["dataset"]
     data = Path(args.resources) / dataset / "data.pt"
-    metrics = test_run(run / "model.pt", run / "run.json", data, run / "predictions.csv", run / "metrics.csv",
+    metrics = evaluate_run(run / "model.pt", run / "run.json", data, run / "predictions.csv", run / "metrics.csv",
                        threads=args.threads, device=args.device)  # fmt: skip
     print(metrics.to_string(index=False))
 
@@ -118,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--epochs", type=int, default=100, help="training epochs")
     s.add_argument("--batch-size", type=int, default=128, help="training batch size")
     s.add_argument("--lr", type=float, default=0.1, help="initial learning rate")
-    s.add_argument("--milestones", type=int, nargs="*", default=[75, 95], help="epochs where lr is divided by 10")
+    s.add_argument("--milestones", type=int, nargs="*", default=None,
+                   help="epochs after which lr is divided by 10 (default: 75%% and 95%% of --epochs, i.e. 75 95 for 100)")
     s.add_argument("--weight-decay", type=float, default=1e-4, help="L2 weight decay")
     s.add_argument("--l1", type=float, default=0.0, help="L1 penalty on all weights")
     s.add_argument("--groups", type=int, default=8, help="group norm's group count")
