@@ -153,7 +153,7 @@ def test_specs_agree_with_torchvision():
     assert cifar.raw_dir == tv.base_folder
     for name in ("mnist", "fashion_mnist"):
         spec = D.DATASETS[name]
-        cls = spec.torchvision_class
+        cls = spec.dataset_class()
         assert [(f"{f.name}.gz", f.gz_md5) for f in spec.files] == list(cls.resources)
         assert spec.raw_dir == f"{cls.__name__}/raw"
     assert list(D.DATASETS["fashion_mnist"].classes) == tvd.FashionMNIST.classes

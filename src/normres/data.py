@@ -36,7 +36,6 @@ from typing import IO, Any
 
 import torch
 import torch.nn.functional as F
-import torchvision.datasets as tvd
 from torch import Tensor
 
 __all__ = [
@@ -99,7 +98,7 @@ class DatasetSpec:
     """What the pipeline needs to know about one dataset."""
 
     name: str
-    torchvision_class: type  # a torchvision.datasets class; parses the files with download=False
+    torchvision_class: str | type  # a torchvision.datasets class (or its name); parses the files
     channels: int
     height: int
     width: int
@@ -117,6 +116,15 @@ class DatasetSpec:
             raise ValueError(f"{self.name}: {len(self.classes)} class names for {self.num_classes} classes")
         if len(self.mean) != self.channels or len(self.std) != self.channels:
             raise ValueError(f"{self.name}: mean/std need one value per channel ({self.channels})")
+
+    def dataset_class(self) -> type:
+        """The torchvision dataset class, imported on use: ``torchvision.datasets`` pulls in
+        ``torch._dynamo`` (~3 s), which training jobs never need."""
+        if isinstance(self.torchvision_class, type):
+            return self.torchvision_class
+        import torchvision.datasets
+
+        return getattr(torchvision.datasets, self.torchvision_class)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -155,7 +163,7 @@ _CIFAR10_FILES = (
 DATASETS: dict[str, DatasetSpec] = {
     "cifar10": DatasetSpec(
         name="cifar10",
-        torchvision_class=tvd.CIFAR10,
+        torchvision_class="CIFAR10",
         channels=3,
         height=32,
         width=32,
@@ -170,7 +178,7 @@ DATASETS: dict[str, DatasetSpec] = {
     ),
     "mnist": DatasetSpec(
         name="mnist",
-        torchvision_class=tvd.MNIST,
+        torchvision_class="MNIST",
         channels=1,
         height=28,
         width=28,
@@ -184,7 +192,7 @@ DATASETS: dict[str, DatasetSpec] = {
     ),
     "fashion_mnist": DatasetSpec(
         name="fashion_mnist",
-        torchvision_class=tvd.FashionMNIST,
+        torchvision_class="FashionMNIST",
         channels=1,
         height=28,
         width=28,
@@ -469,9 +477,9 @@ def _download(
         raise DataError(f"{spec.name}: {names} not found and downloading is off.\n{help_text}")
     tmp_root = Path(tempfile.mkdtemp(dir=root, prefix=".download-"))
     try:
-        log(f"{spec.name}: downloading {names} with torchvision.datasets.{spec.torchvision_class.__name__}")
+        log(f"{spec.name}: downloading {names} with torchvision.datasets.{spec.dataset_class().__name__}")
         try:
-            spec.torchvision_class(str(tmp_root), train=True, download=True)
+            spec.dataset_class()(str(tmp_root), train=True, download=True)
         except Exception as e:  # no network, HTTP errors, torchvision's own md5 check
             raise DataError(
                 f"{spec.name}: {names} not found in any mirror, and downloading failed "
@@ -566,7 +574,7 @@ def prepare_dataset(
     splits = {}
     for split, train in (("train", True), ("test", False)):
         try:
-            ds = spec.torchvision_class(str(root), train=train, download=False)
+            ds = spec.dataset_class()(str(root), train=train, download=False)
         except Exception as e:
             raise DataError(f"{spec.name}: torchvision cannot read {root / spec.raw_dir} ({e})") from e
         what = f"{spec.name} {split} split in {root / spec.raw_dir}"
