@@ -27,6 +27,16 @@ include: "workflow/rules/figures.smk"
 include: "workflow/rules/report.smk"
 
 
+# Quick bookkeeping runs on the submit host, never as cluster jobs.
+localrules:
+    all,
+    prepare_data,
+    aggregate,
+    figures,
+    misclassified,
+    report,
+
+
 rule all:
     input:
         get_final_outputs,

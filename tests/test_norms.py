@@ -356,7 +356,9 @@ def test_gn_group_validation():
         make_norm("gn", 16, groups=3)
     with pytest.raises(ValueError, match="gn: 6 channels per group do not divide 16 channels"):
         make_norm("gn", 16, channels_per_group=6)
-    with pytest.raises(ValueError, match="either groups or channels_per_group.*groups=4.*channels_per_group=4"):
+    with pytest.raises(
+        ValueError, match="either groups or channels_per_group.*groups=4.*channels_per_group=4"
+    ):
         make_norm("gn", 16, groups=4, channels_per_group=4)
     with pytest.raises(ValueError, match="groups must be a positive integer, got 0"):
         make_norm("gn", 16, groups=0)

@@ -33,7 +33,7 @@ def classification_metrics(labels: Tensor, result: EvalResult, num_classes: int)
     }
 
 
-def test_run(
+def evaluate_run(
     model_path: str | Path,
     run_record: str | Path,
     data_path: str | Path,

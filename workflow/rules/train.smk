@@ -12,8 +12,6 @@ rule train:
     params:
         settings=get_run_settings,
     threads: 1
-    resources:
-        gpu=0,
     conda:
         "../envs/normres.yaml"
     script:

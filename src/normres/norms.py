@@ -1,0 +1,613 @@
+"""Normalization layers, looked up by name.
+
+Every constructor in :data:`NORMS` takes ``num_channels`` first and keyword options after it, so
+model code can take a norm name (or a ``norm_layer`` callable) instead of switching on names.
+
+The hand-written norms (``bn``, ``in``, ``ln``, ``gn``, ``bin``) share one fused implementation,
+:class:`_FusedNormFunction`. They differ only in which (sample, channel) slabs are pooled into one
+set of statistics:
+
+* forward: one pass for the per-(n, c) moments (``torch.var_mean`` over H, W), then the moments are
+  pooled into the grouping's statistics (law of total variance) and normalization and affine are
+  folded into a single per-(n, c) scale and shift, applied in one ``addcmul`` pass;
+* backward: one reduction pass for the per-(n, c) sums ``t1 = sum_hw dy`` and ``t2 = sum_hw dy*x``,
+  from which every gradient follows analytically (see ``_FusedNormFunction.backward``).
+
+That keeps a ResNet train step with any of them close to ``nn.BatchNorm2d`` (composite
+``x.mean()/x.var()`` versions cost 1.6-1.8x, and batch-instance norm built from two of them 2.8x;
+``benchmarks/norm_step.py`` measures this). None of them calls torch's normalization kernels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+__all__ = [
+    "NORMS",
+    "NORM_OPTIONS",
+    "BatchInstanceNorm",
+    "BatchNorm",
+    "GroupNorm",
+    "InstanceNorm",
+    "LayerNorm",
+    "check_norm",
+    "clamp_gates_",
+    "describe",
+    "gate_parameters",
+    "make_norm",
+    "resolve_groups",
+]
+
+DEFAULT_EPS = 1e-5
+DEFAULT_MOMENTUM = 0.1
+DEFAULT_GROUPS = 32
+
+# Pooling kinds understood by the fused function. A "group" pooling carries its group count.
+_BATCH = "batch"  # per channel, over (N, H, W)
+_BATCH_FIXED = "batch_fixed"  # per channel, running statistics (constants w.r.t. x)
+_INSTANCE = "instance"  # per (n, c), over (H, W)
+_GROUP = "group"  # per (n, group), over (C / G, H, W); LN is one group
+
+
+# --------------------------------------------------------------------------------------------
+# statistics
+
+
+def _stats_dtype(x: Tensor) -> torch.dtype:
+    """float32 for half/bfloat16/float32 inputs, float64 for float64 (gradcheck)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+# Slabs whose mean dominates their spread (E[x^2] > this * var) lose too many digits in the
+# one-pass E[x^2] - E[x]^2 formula; their moments are recomputed in two passes.
+_CANCELLATION_RATIO = 1e3
+
+
+def _slab_moments(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-(n, c) biased variance and mean over (H, W), in the statistics dtype; each (N, C)."""
+    dtype = _stats_dtype(x)
+    if x.dtype != dtype:
+        x = x.to(dtype)
+    if x.is_cuda:  # one Welford kernel, exact and fast on GPUs
+        return torch.var_mean(x, dim=(2, 3), correction=0)
+    # On CPUs torch.var_mean (Welford) is ~25x slower than a sum; sum and sum of squares
+    # (vector_norm does not materialise x * x) take one cheap pass each.
+    n, c, h, w = x.shape
+    flat = x.view(n, c, h * w)
+    mean = flat.sum(2).div_(h * w)  # (N, C)
+    mean_sq = torch.linalg.vector_norm(flat, dim=2).square_().div_(h * w)
+    var = torch.addcmul(mean_sq, mean, mean, value=-1.0).clamp_(min=0.0)
+    if bool(torch.gt(mean_sq, var * _CANCELLATION_RATIO).any()):  # rare: exact, two passes
+        var = torch.linalg.vector_norm(flat - mean[..., None], dim=2).square_().div_(h * w)
+    return var, mean
+
+
+def _pool(var: Tensor, mean: Tensor, kind: str, groups: int = 1) -> tuple[Tensor, Tensor]:
+    """Pool per-(n, c) moments into the statistics of a grouping (law of total variance).
+
+    Returns (var, mean) shaped to broadcast against (N, C): (1, C) for batch pooling, (N, C)
+    otherwise. All slabs have the same H*W, so pooled moments are plain averages.
+    """
+    n, c = mean.shape
+    if kind == _INSTANCE:
+        return var, mean
+    if kind == _BATCH:
+        pooled_mean = mean.mean(0, keepdim=True)  # (1, C)
+        pooled_var = var.mean(0, keepdim=True) + (mean - pooled_mean).square().mean(0, keepdim=True)
+        return pooled_var, pooled_mean
+    if kind == _GROUP:
+        m = mean.view(n, groups, c // groups)
+        v = var.view(n, groups, c // groups)
+        pooled_mean = m.mean(2, keepdim=True)  # (N, G, 1)
+        pooled_var = v.mean(2, keepdim=True) + (m - pooled_mean).square().mean(2, keepdim=True)
+        shape = (n, groups, c // groups)
+        return pooled_var.expand(shape).reshape(n, c), pooled_mean.expand(shape).reshape(n, c)
+    raise AssertionError(f"unknown pooling {kind!r}")
+
+
+def _group_mean(t: Tensor, kind: str, groups: int, count: int) -> Tensor:
+    """Sum per-(n, c) values over the slabs of each group, divided by the group's element count."""
+    if kind == _INSTANCE:
+        return t / count
+    if kind == _BATCH:
+        return t.sum(0, keepdim=True) / count
+    n, c = t.shape
+    pooled = t.view(n, groups, c // groups).sum(2, keepdim=True) / count
+    return pooled.expand(n, groups, c // groups).reshape(n, c)
+
+
+def _group_count(kind: str, groups: int, shape: torch.Size) -> int:
+    n, c, h, w = shape
+    if kind == _INSTANCE:
+        return h * w
+    if kind == _BATCH:
+        return n * h * w
+    return (c // groups) * h * w
+
+
+# --------------------------------------------------------------------------------------------
+# the fused function
+
+
+class _FusedNormFunction(torch.autograd.Function):
+    """y = x * a + b with a, b per (n, c), from one or two normalization branches.
+
+    Branch k normalizes with statistics ``mean_k, rstd_k`` (shaped to broadcast against (N, C))
+    pooled according to ``kinds[k]``; the branches are mixed with per-channel weights
+    (``rho, 1 - rho`` for batch-instance norm, 1 for a single branch) and the per-channel affine:
+
+        y = weight * sum_k w_k * (x - mean_k) * rstd_k + bias
+
+    The statistics are passed in already computed (the caller also needs them for running
+    averages) and must not require grad; their dependence on x is handled analytically in
+    backward. ``rho`` is None for single-branch norms.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, rho, means, rstds, kinds, groups):  # type: ignore[override]
+        dtype = means[0].dtype
+        scale = shift = None  # (N|1, C): sum_k gamma * w_k * rstd_k and bias - sum_k (...) * mean_k
+        for gamma_k, mean, rstd in zip(_branch_gammas(weight, rho, len(kinds), dtype), means, rstds):
+            a_k = gamma_k * rstd
+            scale = a_k if scale is None else scale + a_k
+            shift = -a_k * mean if shift is None else shift - a_k * mean
+        shift = shift + bias.to(dtype)
+        c = x.shape[1]
+        # One mul and one in-place add: on CPUs addcmul with a broadcast first operand is not
+        # vectorised and costs 2x. Half/bfloat16 inputs are scaled in float32 (promotion), since
+        # x * a + b cancels badly in low precision when the mean is large.
+        y = torch.mul(x, scale.view(-1, c, 1, 1)).add_(shift.view(-1, c, 1, 1))  # (N, C, H, W)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        ctx.kinds, ctx.groups = kinds, groups
+        ctx.has_rho = rho is not None
+        ctx.save_for_backward(x, weight, rho if rho is not None else weight, *means, *rstds)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):  # type: ignore[override]
+        # For one branch normalizing over a set S of K elements, with xh = (x - mu) * r and
+        # g = dy * gamma' (gamma' = gamma * w_k):
+        #     dx = r * (g - mean_S(g) - xh * mean_S(g * xh))
+        # Over one (n, c) slab mu and r are constant, so with t1 = sum_hw dy, t2 = sum_hw dy * x:
+        #     sum_hw g = gamma' * t1,   sum_hw g * xh = gamma' * p,   p = r * (t2 - mu * t1)
+        # and dx = dy * A + x * B + C with per-(n, c)
+        #     A = r * gamma',  B = -r^2 * H,  C = r * (mu * r * H - G),
+        #     G = mean_S(gamma' * t1),  H = mean_S(gamma' * p).
+        # Fixed (running) statistics do not depend on x: only the A term remains.
+        # Parameter gradients: d_bias = sum_n t1, d_weight = sum_n sum_k w_k * p_k,
+        # d_rho = sum_n gamma * (p_batch - p_instance).
+        x, weight, rho, *stats = ctx.saved_tensors
+        kinds, groups = ctx.kinds, ctx.groups
+        means, rstds = stats[: len(kinds)], stats[len(kinds) :]
+        if not ctx.has_rho:
+            rho = None
+        dtype = means[0].dtype
+        n, c, h, w = x.shape
+        in_dtype = x.dtype
+        dy = dy.contiguous()
+        if in_dtype != dtype:  # half / bfloat16: reduce and combine in float32
+            x, dy = x.to(dtype), dy.to(dtype)
+        t1 = dy.sum(dim=(2, 3))  # (N, C)
+        # dy * x goes into the buffer that later holds dx: one allocation for backward.
+        # (bmm/vecdot over an (N*C, H*W) view are no faster on CPUs, and bmm is 3x slower
+        # for H*W >= 512.)
+        buf = torch.mul(dy, x)
+        t2 = buf.sum(dim=(2, 3))
+
+        coef_a = coef_b = coef_c = None
+        ps = []
+        for gamma_k, kind, mean, rstd in zip(
+            _branch_gammas(weight, rho, len(kinds), dtype), kinds, means, rstds
+        ):
+            p = torch.addcmul(t2, mean, t1, value=-1.0).mul_(rstd)  # (N, C): sum_hw dy * xh
+            ps.append(p)
+            a_k = gamma_k * rstd
+            coef_a = a_k if coef_a is None else coef_a + a_k
+            if kind == _BATCH_FIXED:
+                continue
+            count = _group_count(kind, groups, x.shape)
+            mean_g = _group_mean(gamma_k * t1, kind, groups, count)
+            r_mean_gxh = _group_mean(gamma_k * p, kind, groups, count) * rstd  # r * H
+            b_k = -rstd * r_mean_gxh
+            c_k = torch.addcmul(-mean_g, mean, r_mean_gxh).mul_(rstd)
+            coef_b = b_k if coef_b is None else coef_b + b_k
+            coef_c = c_k if coef_c is None else coef_c + c_k
+
+        dx = d_weight = d_bias = d_rho = None
+        if ctx.needs_input_grad[0]:
+            a = coef_a.view(-1, c, 1, 1)
+            if coef_b is None:  # only fixed statistics: dx = dy * A
+                dx = torch.mul(dy, a, out=buf)
+            else:  # dx = x * B + C + dy * A, three passes over buf, no further allocation
+                dx = torch.mul(x, coef_b.view(-1, c, 1, 1), out=buf)
+                dx.add_(coef_c.view(-1, c, 1, 1)).addcmul_(dy, a)
+            if in_dtype != dtype:
+                dx = dx.to(in_dtype)
+        if ctx.needs_input_grad[1]:
+            mixed = ps[0] if rho is None else torch.lerp(ps[1], ps[0], rho.to(dtype))  # sum_k w_k p_k
+            d_weight = mixed.sum(0).to(weight.dtype)
+        if ctx.needs_input_grad[2]:
+            d_bias = t1.sum(0).to(weight.dtype)
+        if rho is not None and ctx.needs_input_grad[3]:
+            d_rho = ((ps[0] - ps[1]).sum(0) * weight.to(dtype)).to(rho.dtype)
+        return dx, d_weight, d_bias, d_rho, None, None, None, None
+
+
+def _branch_gammas(weight: Tensor, rho: Tensor | None, branches: int, dtype: torch.dtype) -> list[Tensor]:
+    """Per-channel (C,) weight of each branch: gamma, or gamma * rho and gamma * (1 - rho)."""
+    gamma = weight if weight.dtype == dtype else weight.to(dtype)
+    if rho is None:
+        return [gamma] * branches
+    gamma_rho = gamma * rho.to(dtype)
+    return [gamma_rho, gamma - gamma_rho]
+
+
+def _fused_norm(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    stats: list[tuple[Tensor, Tensor]],
+    kinds: tuple[str, ...],
+    eps: float,
+    *,
+    rho: Tensor | None = None,
+    groups: int = 1,
+) -> Tensor:
+    """Apply the fused normalization given (var, mean) per branch, each (N|1, C)."""
+    with torch.no_grad():
+        means = tuple(mean for _, mean in stats)
+        rstds = tuple(torch.rsqrt(var + eps) for var, _ in stats)
+    return _FusedNormFunction.apply(x, weight, bias, rho, means, rstds, kinds, groups)
+
+
+# --------------------------------------------------------------------------------------------
+# modules
+
+
+def _check_input(x: Tensor, num_channels: int, name: str) -> Tensor:
+    if x.dim() != 4:
+        raise ValueError(f"{name}: expected a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}")
+    if x.shape[1] != num_channels:
+        raise ValueError(f"{name}: expected {num_channels} channels, got {x.shape[1]}")
+    return x.contiguous()
+
+
+def _check_eps(eps: float) -> None:
+    if not eps > 0:
+        raise ValueError(f"eps must be positive, got {eps}")
+
+
+def _check_momentum(momentum: float | None) -> None:
+    if momentum is not None and not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1] or None, got {momentum}")
+
+
+class _AffineNorm(nn.Module):
+    """Shared parameters: per-channel weight (gamma, ones) and bias (beta, zeros)."""
+
+    def __init__(self, num_channels: int, eps: float) -> None:
+        super().__init__()
+        if num_channels < 1:
+            raise ValueError(f"num_channels must be positive, got {num_channels}")
+        _check_eps(eps)
+        self.num_channels = num_channels
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+
+    def extra_repr(self) -> str:
+        return f"{self.num_channels}, eps={self.eps}"
+
+
+class _RunningStats(_AffineNorm):
+    """Adds BatchNorm2d-style running statistics (unbiased running variance)."""
+
+    def __init__(self, num_channels: int, eps: float, momentum: float | None) -> None:
+        super().__init__(num_channels, eps)
+        _check_momentum(momentum)
+        self.momentum = momentum
+        self.register_buffer("running_mean", torch.zeros(num_channels))
+        self.register_buffer("running_var", torch.ones(num_channels))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    def _batch_stats(self, var: Tensor, mean: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-channel (1, C) batch statistics; updates the running averages."""
+        bvar, bmean = _pool(var, mean, _BATCH)
+        count = x.shape[0] * x.shape[2] * x.shape[3]
+        if count < 2:
+            raise ValueError(
+                f"{type(self).__name__}: expected more than 1 value per channel when training, "
+                f"got input shape {tuple(x.shape)}"
+            )
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average, as in nn.BatchNorm2d
+                factor = 1.0 / float(self.num_batches_tracked)
+            else:
+                factor = self.momentum
+            unbiased = bvar[0] * (count / (count - 1))
+            self.running_mean.lerp_(bmean[0].to(self.running_mean.dtype), factor)
+            self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
+        return bvar, bmean
+
+    def _running_stats(self) -> tuple[Tensor, Tensor]:
+        dtype = torch.float64 if self.running_var.dtype == torch.float64 else torch.float32
+        return self.running_var.to(dtype)[None], self.running_mean.to(dtype)[None]
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, momentum={self.momentum}"
+
+
+class BatchNorm(_RunningStats):
+    """Batch normalization (Ioffe & Szegedy 2015, "Batch Normalization: Accelerating Deep Network
+    Training by Reducing Internal Covariate Shift").
+
+    Statistics per channel over (N, H, W); running mean and unbiased running variance for eval
+    mode, updated with ``momentum`` (None: cumulative average), as ``nn.BatchNorm2d``.
+    """
+
+    def __init__(
+        self,
+        num_channels: int,
+        *,
+        eps: float = DEFAULT_EPS,
+        momentum: float | None = DEFAULT_MOMENTUM,
+    ) -> None:
+        super().__init__(num_channels, eps, momentum)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = _check_input(x, self.num_channels, "bn")
+        if self.training:
+            with torch.no_grad():  # statistics are constants to autograd; backward handles them
+                stats = self._batch_stats(*_slab_moments(x), x)
+            return _fused_norm(x, self.weight, self.bias, [stats], (_BATCH,), self.eps)
+        # Eval: a fixed per-channel affine; plain autograd ops handle its (trivial) gradient.
+        var, mean = self._running_stats()
+        scale = self.weight * torch.rsqrt(var[0] + self.eps)  # (C,)
+        shift = self.bias - mean[0] * scale
+        y = torch.mul(x, scale[:, None, None]).add_(shift[:, None, None])  # float32 for half x
+        return y.to(x.dtype)
+
+
+class InstanceNorm(_AffineNorm):
+    """Instance normalization (Ulyanov et al. 2016, "Instance Normalization: The Missing
+    Ingredient for Fast Stylization").
+
+    Statistics per (sample, channel) over (H, W), in training and eval alike (no running
+    statistics), with a per-channel affine: ``nn.InstanceNorm2d(C, affine=True)``.
+    """
+
+    def __init__(self, num_channels: int, *, eps: float = DEFAULT_EPS) -> None:
+        super().__init__(num_channels, eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = _check_input(x, self.num_channels, "in")
+        with torch.no_grad():
+            stats = _slab_moments(x)
+        return _fused_norm(x, self.weight, self.bias, [stats], (_INSTANCE,), self.eps)
+
+
+class GroupNorm(_AffineNorm):
+    """Group normalization (Wu & He 2018, "Group Normalization").
+
+    Statistics per sample over each group of ``num_channels / groups`` channels and (H, W), with a
+    per-channel affine: ``nn.GroupNorm(groups, C)``. Give ``groups`` (default 32) or
+    ``channels_per_group``, not both.
+    """
+
+    def __init__(
+        self,
+        num_channels: int,
+        *,
+        groups: int | None = None,
+        channels_per_group: int | None = None,
+        eps: float = DEFAULT_EPS,
+    ) -> None:
+        resolved = resolve_groups(num_channels, groups, channels_per_group)
+        super().__init__(num_channels, eps)
+        self.groups = resolved
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = _check_input(x, self.num_channels, "gn")
+        with torch.no_grad():
+            stats = _pool(*_slab_moments(x), _GROUP, self.groups)
+        return _fused_norm(x, self.weight, self.bias, [stats], (_GROUP,), self.eps, groups=self.groups)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, groups={self.groups}"
+
+
+class LayerNorm(GroupNorm):
+    """Layer normalization (Ba et al. 2016, "Layer Normalization") for conv features.
+
+    Statistics per sample over (C, H, W), with a per-channel affine: ``nn.GroupNorm(1, C)``.
+    """
+
+    def __init__(self, num_channels: int, *, eps: float = DEFAULT_EPS) -> None:
+        super().__init__(num_channels, groups=1, eps=eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_channels}, eps={self.eps}"
+
+
+class BatchInstanceNorm(_RunningStats):
+    """Batch-instance normalization (Nam & Kim 2018, "Batch-Instance Normalization for
+    Adaptively Style-Invariant Neural Networks").
+
+    ``y = weight * (rho * x_bn + (1 - rho) * x_in) + bias`` with a per-channel gate ``rho``
+    initialised to 1 (pure batch norm, as in the paper) and kept in [0, 1] by
+    :func:`clamp_gates_` after each optimizer step. The batch branch keeps running statistics
+    like :class:`BatchNorm` and uses them in eval mode; the instance branch always uses the
+    sample's own statistics. Both branches come from the same per-(n, c) moments and are
+    applied in one pass.
+    """
+
+    def __init__(
+        self,
+        num_channels: int,
+        *,
+        eps: float = DEFAULT_EPS,
+        momentum: float | None = DEFAULT_MOMENTUM,
+    ) -> None:
+        super().__init__(num_channels, eps, momentum)
+        self.rho = nn.Parameter(torch.ones(num_channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = _check_input(x, self.num_channels, "bin")
+        with torch.no_grad():
+            var, mean = _slab_moments(x)
+            if self.training:
+                batch, kind = self._batch_stats(var, mean, x), _BATCH
+            else:
+                batch, kind = self._running_stats(), _BATCH_FIXED
+        return _fused_norm(
+            x, self.weight, self.bias, [batch, (var, mean)], (kind, _INSTANCE), self.eps, rho=self.rho
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# registry
+
+
+def resolve_groups(
+    num_channels: int, groups: int | None = None, channels_per_group: int | None = None
+) -> int:
+    """Number of group-norm groups for ``num_channels``; ValueError naming the numbers if invalid."""
+    if groups is not None and channels_per_group is not None:
+        raise ValueError(
+            f"gn: give either groups or channels_per_group, not both "
+            f"(got groups={groups}, channels_per_group={channels_per_group})"
+        )
+    if channels_per_group is not None:
+        if not _is_positive_int(channels_per_group):
+            raise ValueError(f"gn: channels_per_group must be a positive integer, got {channels_per_group!r}")
+        if num_channels % channels_per_group:
+            raise ValueError(
+                f"gn: {channels_per_group} channels per group do not divide {num_channels} channels"
+            )
+        return num_channels // channels_per_group
+    groups = DEFAULT_GROUPS if groups is None else groups
+    if not _is_positive_int(groups):
+        raise ValueError(f"gn: groups must be a positive integer, got {groups!r}")
+    if groups > num_channels:
+        raise ValueError(
+            f"gn: {groups} groups do not divide {num_channels} channels (more groups than channels)"
+        )
+    if num_channels % groups:
+        raise ValueError(f"gn: {groups} groups do not divide {num_channels} channels")
+    return groups
+
+
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _torch_batch_norm(
+    num_channels: int, *, eps: float = DEFAULT_EPS, momentum: float | None = DEFAULT_MOMENTUM
+) -> nn.Module:
+    """PyTorch's ``nn.BatchNorm2d`` (the reference and speed baseline)."""
+    return nn.BatchNorm2d(num_channels, eps=eps, momentum=momentum)
+
+
+def _identity(num_channels: int, *, eps: float = DEFAULT_EPS) -> nn.Module:
+    """No normalization; ``num_channels`` and ``eps`` are accepted so configs stay uniform."""
+    del num_channels, eps
+    return nn.Identity()
+
+
+NORMS: dict[str, Callable[..., nn.Module]] = {
+    "torch_bn": _torch_batch_norm,
+    "bn": BatchNorm,
+    "in": InstanceNorm,
+    "ln": LayerNorm,
+    "gn": GroupNorm,
+    "bin": BatchInstanceNorm,
+    "nn": _identity,
+}
+
+NORM_OPTIONS: dict[str, set[str]] = {
+    "torch_bn": {"eps", "momentum"},
+    "bn": {"eps", "momentum"},
+    "in": {"eps"},
+    "ln": {"eps"},
+    "gn": {"eps", "groups", "channels_per_group"},
+    "bin": {"eps", "momentum"},
+    "nn": {"eps"},
+}
+
+_DESCRIPTIONS: dict[str, str] = {
+    "torch_bn": "PyTorch's BatchNorm2d: statistics per channel over the batch and spatial axes "
+    "(N, H, W), running averages in eval mode.",
+    "bn": "Batch norm: statistics per channel over the batch and spatial axes (N, H, W), "
+    "running averages in eval mode.",
+    "in": "Instance norm: statistics per sample and channel over the spatial axes (H, W), "
+    "in training and eval alike.",
+    "ln": "Layer norm: statistics per sample over all channels and spatial axes (C, H, W).",
+    "gn": "Group norm: statistics per sample over each group of channels and the spatial axes "
+    "(C/G, H, W).",
+    "bin": "Batch-instance norm: a learned per-channel mix rho of batch statistics over (N, H, W) "
+    "and instance statistics over (H, W).",
+    "nn": "No normalization: the identity, no statistics.",
+}
+
+
+def _check_name(name: str) -> None:
+    if name not in NORMS:
+        raise ValueError(f"unknown norm {name!r} (choose from: {', '.join(sorted(NORMS))})")
+
+
+def _check_options(name: str, options: dict[str, Any]) -> None:
+    unknown = sorted(set(options) - NORM_OPTIONS[name])
+    if unknown:
+        allowed = ", ".join(sorted(NORM_OPTIONS[name]))
+        raise ValueError(f"{name}: unknown option {unknown[0]!r} (choose from: {allowed})")
+
+
+def make_norm(name: str, num_channels: int, **options: Any) -> nn.Module:
+    """Build norm ``name`` for ``num_channels`` channels; ValueError for unknown names/options."""
+    _check_name(name)
+    _check_options(name, options)
+    return NORMS[name](num_channels, **options)
+
+
+def check_norm(name: str, channels: Iterable[int], **options: Any) -> None:
+    """Raise the ValueError that building ``name`` for any of ``channels`` would raise.
+
+    Used to validate a config before any job runs; builds nothing.
+    """
+    _check_name(name)
+    _check_options(name, options)
+    if "eps" in options:
+        _check_eps(options["eps"])
+    if "momentum" in options:
+        _check_momentum(options["momentum"])
+    for c in channels:
+        if not _is_positive_int(c):
+            raise ValueError(f"{name}: channel counts must be positive integers, got {c!r}")
+        if name == "gn":
+            resolve_groups(c, options.get("groups"), options.get("channels_per_group"))
+
+
+def describe(name: str) -> str:
+    """One sentence saying which axes the statistics of norm ``name`` span."""
+    _check_name(name)
+    return _DESCRIPTIONS[name]
+
+
+def gate_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The ``rho`` gates of every :class:`BatchInstanceNorm` in ``model`` (own lr, no decay)."""
+    return [m.rho for m in model.modules() if isinstance(m, BatchInstanceNorm)]
+
+
+@torch.no_grad()
+def clamp_gates_(model: nn.Module) -> None:
+    """Clamp every batch-instance gate ``rho`` into [0, 1] in place (call after each step)."""
+    for rho in gate_parameters(model):
+        rho.clamp_(0.0, 1.0)
