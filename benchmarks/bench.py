@@ -1,0 +1,245 @@
+"""Training throughput of normres against this machine's floor, with every target of issue #3.
+
+What is measured, on the machine it runs on (CPU unless a GPU is present for the GPU line):
+
+* **floor**: forward + backward + SGD step of ResNet-14 (n=2) with ``nn.BatchNorm2d``, eager, on one
+  batch of 128 random 32x32x3 images already in memory, with 2 threads;
+* **eager norms**: the same step with each hand-written norm, relative to ``torch_bn`` (target <= 1.3);
+* **compiled**: the step under ``torch.compile`` for every norm, relative to the eager floor
+  (target <= 0.95), compile time reported separately;
+* **end-to-end epoch**: a real ``normres train`` job (augmentation, validation of 10k images,
+  history written) on a CIFAR-shaped dataset of random uint8 images, relative to the floor's time for
+  the same number of training images (target <= 1.15); the same job's **peak RSS** (target <= 1.5 GB);
+* **parallel jobs**: two ``threads=1`` training jobs at once against one alone (target >= 1.7x);
+* **workflow overhead**: ``snakemake -n`` of the full default study, and a rerun with nothing to do
+  (target <= 5 s each);
+* **GPU** (only where CUDA is available): ResNet-14 epoch seconds with data and augmentation on the GPU.
+
+Step timings are interleaved across variants and reported as medians over rounds, because these
+machines are noisy. ``--quick`` shrinks everything so that CI can check that the benchmark works; its
+ratios are indicative only.
+
+    python benchmarks/bench.py            # the full benchmark (~15-25 min on 2 cores)
+    python benchmarks/bench.py --quick    # smoke mode (~2 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from normres.models import build_model
+from normres.norms import clamp_gates_
+
+REPO = Path(__file__).resolve().parents[1]
+HAND_WRITTEN = ["bn", "in", "ln", "gn", "bin"]
+NORM_OPTIONS = {"gn": {"groups": 8}}
+
+
+# ------------------------------------------------------------------------------------------------
+# train steps
+
+
+def make_step(norm: str, batch: int, compiled: bool = False):
+    torch.manual_seed(0)
+    model = build_model("resnet", norm, 2, 3, 10, NORM_OPTIONS.get(norm, {}))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    forward = torch.compile(model) if compiled else model
+    x = torch.randn(batch, 3, 32, 32)
+    y = torch.randint(0, 10, (batch,))
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(forward(x), y).backward()
+        opt.step()
+        clamp_gates_(model)
+
+    t0 = time.perf_counter()
+    step()  # first call: compilation (compiled) or allocator warm-up (eager)
+    first = time.perf_counter() - t0
+    step()
+    return step, first
+
+
+def interleaved(steps: dict, rounds: int, reps: int) -> dict[str, list[float]]:
+    """Seconds per step for each variant, ``rounds`` samples each, variants interleaved per round."""
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                step()
+            times[name].append((time.perf_counter() - t0) / reps)
+    return times
+
+
+def ratio_to(times: dict[str, list[float]], name: str, base: str) -> float:
+    """Median over rounds of the per-round ratio: robust to load drifting between rounds."""
+    return statistics.median(t / b for t, b in zip(times[name], times[base]))
+
+
+# ------------------------------------------------------------------------------------------------
+# training jobs as the workflow runs them
+
+
+def synthetic_cifar(path: Path, n_train: int, n_test: int) -> Path:
+    g = torch.Generator().manual_seed(0)
+    blob = {
+        "name": "cifar10",
+        "classes": [f"c{i}" for i in range(10)],
+        "train_x": torch.randint(0, 256, (n_train, 3, 32, 32), dtype=torch.uint8, generator=g),
+        "train_y": torch.randint(0, 10, (n_train,), generator=g),
+        "test_x": torch.randint(0, 256, (n_test, 3, 32, 32), dtype=torch.uint8, generator=g),
+        "test_y": torch.randint(0, 10, (n_test,), generator=g),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(blob, path)
+    return path
+
+
+def train_job(resources: Path, out: Path, threads: int, val_size: int, subset: int | None, device=None):
+    """Start one ``normres train`` job (CIFAR protocol, 1 epoch) as the workflow would."""
+    cmd = [sys.executable, "-m", "normres.cli", "train", "--dataset", "cifar10", "--model", "resnet",
+           "--norm", "torch_bn", "--depth", "2", "--epochs", "1", "--batch-size", "128",
+           "--val-size", str(val_size), "--threads", str(threads), "--resources", str(resources), "--out", str(out)]  # fmt: skip
+    if subset:
+        cmd += ["--train-subset", str(subset)]
+    if device:
+        cmd += ["--device", device]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen, out: Path) -> pd.Series:
+    _, err = proc.communicate()
+    if proc.returncode:
+        raise RuntimeError(f"training job failed:\n{err}")
+    return pd.read_csv(out / "history.csv").iloc[-1]
+
+
+def peak_rss_gb(proc_runner) -> tuple[object, float]:
+    """Run ``proc_runner()`` in a forked child and report the child's peak RSS."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    result = proc_runner()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return result, max(after, before) / 1024**2  # KiB -> GiB (max over children so far)
+
+
+def snakemake_seconds(args: list[str], cwd: Path) -> float:
+    snakemake = str(Path(sys.executable).parent / "snakemake")
+    t0 = time.perf_counter()
+    proc = subprocess.run([snakemake, *args], cwd=cwd, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"snakemake {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    return time.perf_counter() - t0
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="smoke mode: small sizes, few rounds (default: off)")
+    p.add_argument("--rounds", type=int, default=None, help="timing rounds (default: 7; quick: 2)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurements")
+    p.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
+    args = p.parse_args(argv)
+    quick = args.quick
+    rounds = args.rounds or (2 if quick else 7)
+    reps = 1 if quick else 3
+    batch = 32 if quick else 128
+    torch.set_num_threads(2)
+    rows: list[tuple[str, float, str, float | None, bool | None]] = []  # name, value, target text, ratio, ok
+
+    def add(name, value, target_text="", ratio=None, ok=None):
+        rows.append((name, value, target_text, ratio, ok))
+        print(f"  {name}: {value:.3f}" + (f"  (ratio {ratio:.2f}, target {target_text})" if ratio is not None else ""), flush=True)
+
+    print(f"normres benchmark ({'quick' if quick else 'full'}), torch {torch.__version__}, "
+          f"{os.cpu_count()} CPUs, batch {batch}, {rounds} rounds", flush=True)  # fmt: skip
+
+    # 1. floor and eager hand-written norms, interleaved
+    eager = {norm: make_step(norm, batch)[0] for norm in ["torch_bn", "nn", *HAND_WRITTEN]}
+    t = interleaved(eager, rounds, reps)
+    floor = statistics.median(t["torch_bn"])
+    add("floor: torch_bn eager img/s", batch / floor)
+    add("no norm eager img/s", batch / statistics.median(t["nn"]))
+    for norm in HAND_WRITTEN:
+        r = ratio_to(t, norm, "torch_bn")
+        add(f"eager {norm} step / torch_bn step", r, "<= 1.30", r, r <= 1.30)
+
+    # 2. torch.compile, every norm, against the eager floor
+    if not args.no_compile:
+        for norm in ["torch_bn", *HAND_WRITTEN, "nn"][: 2 if quick else None]:
+            step, compile_s = make_step(norm, batch, compiled=True)
+            tc = interleaved({"compiled": step, "floor": eager["torch_bn"]}, rounds, reps)
+            r = ratio_to(tc, "compiled", "floor")
+            add(f"compiled {norm} step / eager floor", r, "<= 0.95", r, r <= 0.95)
+            add(f"compile seconds {norm}", compile_s)
+
+    work = Path(tempfile.mkdtemp(prefix="normres-bench-"))
+    try:
+        n_train, val = (2560, 1000) if quick else (50000, 10000)
+        resources = work / "resources"
+        synthetic_cifar(resources / "cifar10" / "data.pt", n_train, 10000 if not quick else 1000)
+
+        # 3. end-to-end epoch + peak RSS of one CIFAR-shaped job (2 threads)
+        hist, rss = peak_rss_gb(lambda: finish(train_job(resources, work / "e2e", 2, val, None), work / "e2e"))
+        images = n_train - val
+        e2e_ratio = hist["seconds"] / (images * floor / batch)  # floor time for as many training images
+        add("end-to-end epoch seconds", hist["seconds"])
+        add("end-to-end epoch / floor time", e2e_ratio, "<= 1.15", e2e_ratio, e2e_ratio <= 1.15)
+        add("peak RSS of one training job (GB)", rss, "<= 1.5", rss / 1.5, rss <= 1.5)
+
+        # 4. two threads=1 jobs at once vs one alone (train images/s from their histories)
+        subset = 1280 if quick else 10240
+        alone = finish(train_job(resources, work / "alone", 1, val, subset), work / "alone")["images_per_s"]
+        procs = [(train_job(resources, work / f"par{i}", 1, val, subset), work / f"par{i}") for i in range(2)]
+        together = sum(finish(p, out)["images_per_s"] for p, out in procs)
+        r = together / alone
+        add("two 1-thread jobs / one job (img/s)", r, ">= 1.70", r, r >= 1.70)
+
+        # 5. workflow overhead: dry run of the full default study; rerun with nothing to do
+        dry = snakemake_seconds(["-n", "--cores", "2", "--quiet", "rules"], REPO)
+        add("dry run of the default study (s)", dry, "<= 5", dry / 5, dry <= 5)
+        if not quick:
+            wd = work / "wf"
+            wd.mkdir()
+            for name in ("Snakefile", "config.yaml"):
+                shutil.copy(REPO / name, wd / name)
+            for name in ("workflow", ".test"):
+                shutil.copytree(REPO / name, wd / name, symlinks=True)
+            snakemake_seconds(["--cores", "2", "--configfile", ".test/config.yaml"], wd)
+            noop = snakemake_seconds(["--cores", "2", "--configfile", ".test/config.yaml"], wd)
+            add("rerun with nothing to do (s)", noop, "<= 5", noop / 5, noop <= 5)
+
+        # 6. GPU, where there is one
+        if torch.cuda.is_available():
+            hist = finish(train_job(resources, work / "gpu", 8, val, None, device="cuda"), work / "gpu")
+            add(f"GPU ResNet-14 epoch seconds ({torch.cuda.get_device_name()})", hist["seconds"])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    print("\n| measure | value | target | ratio | met |\n| --- | ---: | --- | ---: | --- |")
+    for name, value, target, ratio, ok in rows:
+        met = "" if ok is None else ("yes" if ok else "**no**")
+        print(f"| {name} | {value:.3f} | {target} | {'' if ratio is None else f'{ratio:.2f}'} | {met} |")
+    if args.json:
+        args.json.write_text(json.dumps([dict(zip(["measure", "value", "target", "ratio", "met"], r)) for r in rows], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
