@@ -18,8 +18,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from normres.models import norm_channels
-from normres.norms import check_norm
+from normres.specs import check_norm, norm_channels
 
 RUNS_ROOT = Path("results/runs")
 

@@ -20,10 +20,9 @@ import torch
 from torch import Tensor, nn
 
 from normres.norms import make_norm
+from normres.specs import CNN_WIDTHS, MODELS, RESNET_WIDTHS, norm_channels
 
-MODELS = ("resnet", "cnn")
-RESNET_WIDTHS = (16, 32, 64)
-CNN_WIDTHS = (16, 16, 32, 32)
+__all__ = ["MODELS", "ModelConfig", "CifarResNet", "SmallCNN", "build_model", "norm_channels", "count_parameters"]
 
 
 @dataclass(frozen=True)
@@ -168,15 +167,6 @@ def build_model(
     net = _BUILDERS[model](config)
     net.config = config  # type: ignore[assignment]
     return net
-
-
-def norm_channels(model: str, depth: int) -> list[int]:
-    """Channel counts of the normalization layers of ``model`` (to validate norm options early)."""
-    if model == "resnet":
-        return sorted(set(RESNET_WIDTHS))
-    if model == "cnn":
-        return sorted(set(CNN_WIDTHS))
-    raise ValueError(f"unknown model '{model}' (choose from: {', '.join(MODELS)})")
 
 
 def count_parameters(model: nn.Module) -> int:

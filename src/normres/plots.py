@@ -32,6 +32,8 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from normres.specs import figure_names  # noqa: E402  (re-exported: the rule outputs use it)
+
 __all__ = [
     "CONDITION",
     "batch_size_effect",
@@ -725,16 +727,6 @@ def save(fig: Figure, path: str | os.PathLike) -> Path:
             pyplot.close(fig)
         fig.clear()
     return path
-
-
-def figure_names(studies: Iterable[str]) -> list[str]:
-    """Names (without ``.png``) that :func:`study_figures` writes for these studies, for rule outputs."""
-    names: list[str] = []
-    for study in sorted(set(map(str, studies))):
-        if not study or os.sep in study or "/" in study or study.startswith("."):
-            raise ValueError(f"study name {study!r} cannot be part of a file name")
-        names += [f"{study}_loss_curves", f"{study}_accuracy_curves", f"{study}_feature_percentiles"]
-    return [*names, "batch_size_effect", "depth_effect", "final_accuracy"]
 
 
 def study_figures(

@@ -2,7 +2,7 @@
 from pathlib import Path
 
 from normres.config import RunSpec, expand_runs, run_dir, run_settings, validate_config
-from normres.plots import figure_names
+from normres.specs import figure_names
 
 # Validate before any job starts: one message naming the key, the bad value and what is allowed.
 config = validate_config(config)
