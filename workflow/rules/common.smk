@@ -23,7 +23,11 @@ RUN_DIR = "results/runs/{study}/{norm}/n{depth}_b{batch_size}/seed{seed}"
 
 def spec_of(wildcards):
     return RunSpec(
-        wildcards.study, wildcards.norm, int(wildcards.depth), int(wildcards.batch_size), int(wildcards.seed)
+        wildcards.study,
+        wildcards.norm,
+        int(wildcards.depth),
+        int(wildcards.batch_size),
+        int(wildcards.seed),
     )
 
 
@@ -73,7 +77,9 @@ def misclassified_figures(study):
 
 
 def get_figures(wildcards=None):
-    figures = [f"results/figures/{name}.png" for name in figure_names(config["studies"])]
+    figures = [
+        f"results/figures/{name}.png" for name in figure_names(config["studies"])
+    ]
     for study in config["studies"]:
         figures += misclassified_figures(study)
     return figures
@@ -81,8 +87,13 @@ def get_figures(wildcards=None):
 
 def get_misclassified_inputs(wildcards):
     seed = min(r.seed for r in runs_of(wildcards.study))
-    d = run_dir(wildcards.study, wildcards.norm, wildcards.depth, wildcards.batch_size, seed)
-    return {"predictions": str(d / "predictions.csv"), "data": get_dataset_file(wildcards)}
+    d = run_dir(
+        wildcards.study, wildcards.norm, wildcards.depth, wildcards.batch_size, seed
+    )
+    return {
+        "predictions": str(d / "predictions.csv"),
+        "data": get_dataset_file(wildcards),
+    }
 
 
 def get_final_outputs(wildcards):

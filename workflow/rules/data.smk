@@ -3,11 +3,11 @@ rule prepare_data:
         "resources/{dataset}/data.pt",
     log:
         "logs/prepare_data/{dataset}.log",
+    conda:
+        "../envs/normres.yaml"
     params:
         root=get_raw_root,
         mirrors=get_data_mirrors,
         download=config["data"]["download"],
-    conda:
-        "../envs/normres.yaml"
     script:
         "../scripts/prepare_data.py"

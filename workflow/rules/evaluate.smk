@@ -8,8 +8,8 @@ rule test:
         metrics=f"{RUN_DIR}/metrics.csv",
     log:
         "logs/test/{study}/{norm}/n{depth}_b{batch_size}/seed{seed}.log",
-    threads: 1
     conda:
         "../envs/normres.yaml"
+    threads: 1
     script:
         "../scripts/test.py"

@@ -8,9 +8,9 @@ rule report:
         "results/report.html",
     log:
         "logs/report.log",
-    params:
-        studies=config["studies"],
     conda:
         "../envs/normres.yaml"
+    params:
+        studies=config["studies"],
     script:
         "../scripts/report.py"

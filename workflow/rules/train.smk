@@ -9,10 +9,10 @@ rule train:
         "logs/train/{study}/{norm}/n{depth}_b{batch_size}/seed{seed}.log",
     benchmark:
         "results/benchmarks/train/{study}/{norm}/n{depth}_b{batch_size}/seed{seed}.tsv"
-    params:
-        settings=get_run_settings,
-    threads: 1
     conda:
         "../envs/normres.yaml"
+    threads: 1
+    params:
+        settings=get_run_settings,
     script:
         "../scripts/train.py"
