@@ -97,3 +97,12 @@ def test_load_config_errors_name_the_file(tmp_path):
     bad.write_text("studies: [unclosed")
     with pytest.raises(ConfigError, match="bad.yaml is not valid YAML"):
         load_config(bad)
+
+
+def test_one_list_of_norms_everywhere():
+    from normres.config import load_schema
+    from normres.norms import NORMS
+    from normres.specs import NORM_NAMES, NORM_OPTIONS
+
+    enum = load_schema()["$defs"]["study"]["properties"]["grid"]["items"]["properties"]["norm"]["items"]["enum"]
+    assert set(NORMS) == set(NORM_NAMES) == set(NORM_OPTIONS) == set(enum)

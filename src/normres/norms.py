@@ -7,25 +7,39 @@ The hand-written norms (``bn``, ``in``, ``ln``, ``gn``, ``bin``) share one fused
 :class:`_FusedNormFunction`. They differ only in which (sample, channel) slabs are pooled into one
 set of statistics:
 
-* forward: one pass for the per-(n, c) moments (``torch.var_mean`` over H, W), then the moments are
-  pooled into the grouping's statistics (law of total variance) and normalization and affine are
-  folded into a single per-(n, c) scale and shift, applied in one ``addcmul`` pass;
-* backward: one reduction pass for the per-(n, c) sums ``t1 = sum_hw dy`` and ``t2 = sum_hw dy*x``,
-  from which every gradient follows analytically (see ``_FusedNormFunction.backward``).
+* forward: per-(n, c) moments over (H, W) (on CPUs a sum and a sum of squares, one cheap pass each,
+  because ``torch.var_mean`` is ~25x slower there; ``torch.var_mean`` on GPUs), pooled into the
+  grouping's statistics with the law of total variance; normalization and affine are folded into
+  one per-(n, c) scale and shift, applied as ``x * a + b``. Batch-instance norm takes both of its
+  statistics from the same moments and still applies a single scale and shift;
+* backward: the per-(n, c) sums ``t1 = sum_hw dy`` and ``t2 = sum_hw dy * x``, from which every
+  gradient follows analytically (derivation in ``_FusedNormFunction.backward``);
+  ``dx = dy * A + x * B + C`` with per-(n, c) coefficients, written into one buffer.
 
-That keeps a ResNet train step with any of them close to ``nn.BatchNorm2d`` (composite
-``x.mean()/x.var()`` versions cost 1.6-1.8x, and batch-instance norm built from two of them 2.8x;
-``benchmarks/norm_step.py`` measures this). None of them calls torch's normalization kernels.
+Composite versions (``x.mean()``/``x.var()`` and autograd) were measured earlier in the project
+at 1.6-1.8x ``nn.BatchNorm2d`` per ResNet train step, batch-instance norm built from two of them at
+2.8x; these measure 1.0-1.1x on a 2-core CPU (``benchmarks/norm_step.py``). None of them calls torch's normalization kernels.
+Statistics are computed in float32 (float64 for float64 inputs).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
+
+from normres.specs import (
+    NORM_OPTIONS,
+    check_eps,
+    check_momentum,
+    check_name,
+    check_norm,
+    check_options,
+    resolve_groups,
+)
 
 __all__ = [
     "NORMS",
@@ -45,7 +59,6 @@ __all__ = [
 
 DEFAULT_EPS = 1e-5
 DEFAULT_MOMENTUM = 0.1
-DEFAULT_GROUPS = 32
 
 # Pooling kinds understood by the fused function. A "group" pooling carries its group count.
 _BATCH = "batch"  # per channel, over (N, H, W)
@@ -279,16 +292,6 @@ def _check_input(x: Tensor, num_channels: int, name: str) -> Tensor:
     return x.contiguous()
 
 
-def _check_eps(eps: float) -> None:
-    if not eps > 0:
-        raise ValueError(f"eps must be positive, got {eps}")
-
-
-def _check_momentum(momentum: float | None) -> None:
-    if momentum is not None and not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"momentum must be in [0, 1] or None, got {momentum}")
-
-
 class _AffineNorm(nn.Module):
     """Shared parameters: per-channel weight (gamma, ones) and bias (beta, zeros)."""
 
@@ -296,7 +299,7 @@ class _AffineNorm(nn.Module):
         super().__init__()
         if num_channels < 1:
             raise ValueError(f"num_channels must be positive, got {num_channels}")
-        _check_eps(eps)
+        check_eps(eps)
         self.num_channels = num_channels
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(num_channels))
@@ -311,7 +314,7 @@ class _RunningStats(_AffineNorm):
 
     def __init__(self, num_channels: int, eps: float, momentum: float | None) -> None:
         super().__init__(num_channels, eps)
-        _check_momentum(momentum)
+        check_momentum(momentum)
         self.momentum = momentum
         self.register_buffer("running_mean", torch.zeros(num_channels))
         self.register_buffer("running_var", torch.ones(num_channels))
@@ -476,39 +479,6 @@ class BatchInstanceNorm(_RunningStats):
 # registry
 
 
-def resolve_groups(
-    num_channels: int, groups: int | None = None, channels_per_group: int | None = None
-) -> int:
-    """Number of group-norm groups for ``num_channels``; ValueError naming the numbers if invalid."""
-    if groups is not None and channels_per_group is not None:
-        raise ValueError(
-            f"gn: give either groups or channels_per_group, not both "
-            f"(got groups={groups}, channels_per_group={channels_per_group})"
-        )
-    if channels_per_group is not None:
-        if not _is_positive_int(channels_per_group):
-            raise ValueError(f"gn: channels_per_group must be a positive integer, got {channels_per_group!r}")
-        if num_channels % channels_per_group:
-            raise ValueError(
-                f"gn: {channels_per_group} channels per group do not divide {num_channels} channels"
-            )
-        return num_channels // channels_per_group
-    groups = DEFAULT_GROUPS if groups is None else groups
-    if not _is_positive_int(groups):
-        raise ValueError(f"gn: groups must be a positive integer, got {groups!r}")
-    if groups > num_channels:
-        raise ValueError(
-            f"gn: {groups} groups do not divide {num_channels} channels (more groups than channels)"
-        )
-    if num_channels % groups:
-        raise ValueError(f"gn: {groups} groups do not divide {num_channels} channels")
-    return groups
-
-
-def _is_positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
 def _torch_batch_norm(
     num_channels: int, *, eps: float = DEFAULT_EPS, momentum: float | None = DEFAULT_MOMENTUM
 ) -> nn.Module:
@@ -532,16 +502,6 @@ NORMS: dict[str, Callable[..., nn.Module]] = {
     "nn": _identity,
 }
 
-NORM_OPTIONS: dict[str, set[str]] = {
-    "torch_bn": {"eps", "momentum"},
-    "bn": {"eps", "momentum"},
-    "in": {"eps"},
-    "ln": {"eps"},
-    "gn": {"eps", "groups", "channels_per_group"},
-    "bin": {"eps", "momentum"},
-    "nn": {"eps"},
-}
-
 _DESCRIPTIONS: dict[str, str] = {
     "torch_bn": "PyTorch's BatchNorm2d: statistics per channel over the batch and spatial axes "
     "(N, H, W), running averages in eval mode.",
@@ -558,46 +518,16 @@ _DESCRIPTIONS: dict[str, str] = {
 }
 
 
-def _check_name(name: str) -> None:
-    if name not in NORMS:
-        raise ValueError(f"unknown norm {name!r} (choose from: {', '.join(sorted(NORMS))})")
-
-
-def _check_options(name: str, options: dict[str, Any]) -> None:
-    unknown = sorted(set(options) - NORM_OPTIONS[name])
-    if unknown:
-        allowed = ", ".join(sorted(NORM_OPTIONS[name]))
-        raise ValueError(f"{name}: unknown option {unknown[0]!r} (choose from: {allowed})")
-
-
 def make_norm(name: str, num_channels: int, **options: Any) -> nn.Module:
     """Build norm ``name`` for ``num_channels`` channels; ValueError for unknown names/options."""
-    _check_name(name)
-    _check_options(name, options)
+    check_name(name)
+    check_options(name, options)
     return NORMS[name](num_channels, **options)
-
-
-def check_norm(name: str, channels: Iterable[int], **options: Any) -> None:
-    """Raise the ValueError that building ``name`` for any of ``channels`` would raise.
-
-    Used to validate a config before any job runs; builds nothing.
-    """
-    _check_name(name)
-    _check_options(name, options)
-    if "eps" in options:
-        _check_eps(options["eps"])
-    if "momentum" in options:
-        _check_momentum(options["momentum"])
-    for c in channels:
-        if not _is_positive_int(c):
-            raise ValueError(f"{name}: channel counts must be positive integers, got {c!r}")
-        if name == "gn":
-            resolve_groups(c, options.get("groups"), options.get("channels_per_group"))
 
 
 def describe(name: str) -> str:
     """One sentence saying which axes the statistics of norm ``name`` span."""
-    _check_name(name)
+    check_name(name)
     return _DESCRIPTIONS[name]
 
 
