@@ -281,19 +281,7 @@ def curves(
                 diverged_values.append(run[col].to_numpy())
                 ends.append((float(run["epoch"].iloc[-1]), float(run[col].iloc[-1]), colour))
         _clip_to_kept(ax, kept_values, diverged_values)
-        lo, hi = ax.get_ylim()
-        inset = 0.03 * (hi - lo)  # a clipped end marker sits just inside the frame, off the title
-        for x_end, y_end, colour in ends:
-            ax.plot(
-                [x_end],
-                [min(max(y_end, lo + inset), hi - inset)],
-                marker="x",
-                markersize=8,
-                markeredgewidth=2,
-                color=colour,
-                linestyle="none",
-                clip_on=False,
-            )
+        _mark_diverged(ax, ends, markersize=8)
         ax.set_title(f"{split} split")
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -339,6 +327,17 @@ def _clip_to_kept(ax: Any, kept: list[np.ndarray], diverged: list[np.ndarray]) -
 
 # ---------------------------------------------------------------------------------------------------------
 # feature percentiles
+
+
+def _mark_diverged(ax: Any, points: Iterable[tuple[float, float, str]], markersize: int) -> None:
+    """An x where each diverged run ends, kept just inside the frame (a value off the axis, or
+    without a final metric, sits at the edge)."""
+    lo, hi = ax.get_ylim()
+    inset = 0.03 * (hi - lo)
+    for x, y, colour in points:
+        y = y if np.isfinite(y) else lo
+        ax.plot([x], [min(max(y, lo + inset), hi - inset)], marker="x", markersize=markersize,
+                markeredgewidth=2, color=colour, linestyle="none", clip_on=False)  # fmt: skip
 
 
 def feature_percentiles(
@@ -493,19 +492,7 @@ def _effect(
             bad_points.append((float(run["x"]), float(run[metric]), colour))
     if bad_points:
         lo, hi = ax.get_ylim()
-        inset = 0.03 * (hi - lo)
-        for px, py, colour in bad_points:
-            y = py if np.isfinite(py) else lo  # a diverged run without a final metric sits on the floor
-            ax.plot(
-                [px],
-                [min(max(y, lo + inset), hi - inset)],
-                marker="x",
-                markersize=9,
-                markeredgewidth=2,
-                color=colour,
-                linestyle="none",
-                clip_on=False,
-            )
+        _mark_diverged(ax, bad_points, markersize=9)
         ax.set_ylim(lo, hi)
         ax.plot([], [], marker="x", color="black", linestyle="none", markeredgewidth=2, label="diverged run")
     xs = np.sort(plotted["x"].unique())
