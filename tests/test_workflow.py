@@ -22,7 +22,7 @@ pytestmark = [
 def copy_workflow(dest: Path) -> Path:
     for name in ("Snakefile", "config.yaml"):
         shutil.copy(REPO / name, dest / name)
-    for name in ("workflow", ".test", "config"):
+    for name in ("workflow", ".test", "config", "profiles"):
         shutil.copytree(REPO / name, dest / name, symlinks=True)
     return dest
 
