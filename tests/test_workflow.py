@@ -54,7 +54,7 @@ def test_tables(done):
     assert set(diverged["study"]) == {"unstable"}
     summary = pd.read_csv(done / "results/summary.csv")
     assert {"mean", "std", "ci95_low", "ci95_high", "n"} <= set(summary.columns)
-    two_seeds = summary[(summary.study == "resnet") & (summary.metric == "test_accuracy")]
+    two_seeds = summary[(summary.study == "cnn") & (summary.metric == "test_accuracy")]
     assert (two_seeds["n"] == 2).all() and two_seeds["ci95_low"].notna().all()
 
 
@@ -82,6 +82,22 @@ def test_changing_one_study_reruns_only_its_jobs(done, tmp_path):
     cnn_runs = len(config["studies"]["cnn"]["seeds"]) * 2
     assert int(counts["train"]) == cnn_runs and int(counts["test"]) == cnn_runs
     assert "prepare_data" not in counts
+
+
+def test_data_is_prepared_once_and_no_two_jobs_share_an_output(tmp_path):
+    wd = copy_workflow(tmp_path)
+    out = snakemake(wd, "--configfile", ".test/config.yaml", "-n", "--quiet", "rules").stdout
+    counts = dict(re.findall(r"^(\w+)\s+(\d+)$", out, re.M))
+    runs = 0
+    for study in yaml.safe_load((wd / ".test/config.yaml").read_text())["studies"].values():
+        conditions = {(n, d, b) for g in study["grid"] for n in g["norm"] for d in g["depth"] for b in g["batch_size"]}
+        runs += len(conditions) * len(study["seeds"])
+    assert int(counts["prepare_data"]) == 1  # every training job reads the one prepared file
+    assert int(counts["train"]) == runs and int(counts["test"]) == runs
+    # every job's outputs are its own: the run directory names every wildcard
+    summary = snakemake(wd, "--configfile", ".test/config.yaml", "--summary").stdout.splitlines()[1:]
+    outputs = [line.split("\t")[0] for line in summary if line.strip()]
+    assert len(outputs) == len(set(outputs)) and any("/seed1/model.pt" in o for o in outputs)
 
 
 def test_bad_config_fails_before_any_job(tmp_path):
