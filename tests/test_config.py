@@ -106,3 +106,14 @@ def test_one_list_of_norms_everywhere():
 
     enum = load_schema()["$defs"]["study"]["properties"]["grid"]["items"]["properties"]["norm"]["items"]["enum"]
     assert set(NORMS) == set(NORM_NAMES) == set(NORM_OPTIONS) == set(enum)
+
+
+def test_run_settings_do_not_depend_on_key_order():
+    study = copy.deepcopy(TINY_STUDY)
+    study["optimizer"] = {"weight_decay": 0.0, "lr": 0.05}
+    shuffled = dict(reversed(list(study.items())))
+    shuffled["optimizer"] = {"lr": 0.05, "weight_decay": 0.0}
+    spec = RunSpec("s", "bn", 1, 32, 0)
+    a = run_settings(validate_config({"studies": {"s": study}}), spec)
+    b = run_settings(validate_config({"studies": {"s": shuffled}}), spec)
+    assert repr(a) == repr(b)

@@ -151,7 +151,7 @@ def run_settings(config: Mapping[str, Any], spec: RunSpec) -> dict[str, Any]:
     ref = opt.pop("reference_batch_size")
     if ref:
         opt["lr"] = opt["lr"] * spec.batch_size / ref
-    return {
+    return _sorted_keys({
         **asdict(spec),
         "dataset": study["dataset"],
         "model": study["model"],
@@ -167,7 +167,15 @@ def run_settings(config: Mapping[str, Any], spec: RunSpec) -> dict[str, Any]:
         "eval_test_every_epoch": study["eval_test_every_epoch"],
         "compile": study["compile"],
         "bf16": study["bf16"],
-    }
+    })
+
+
+def _sorted_keys(value: Any) -> Any:
+    """The same settings with keys in one order: reordering a config file must not rerun jobs
+    (Snakemake compares the params' text)."""
+    if isinstance(value, dict):
+        return {k: _sorted_keys(value[k]) for k in sorted(value)}
+    return value
 
 
 def datasets(config: Mapping[str, Any]) -> list[str]:
