@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from normres.io import save_torch
+
 __all__ = [
     "AUGMENT_KEYS",
     "DATASETS",
@@ -537,18 +539,6 @@ def _as_labels(targets: Any, n: int, spec: DatasetSpec, what: str) -> Tensor:
     return y
 
 
-def _atomic_torch_save(obj: Any, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _temp_file(out.parent, out.name)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def prepare_dataset(
     name: str,
     root: str | Path,
@@ -581,7 +571,7 @@ def prepare_dataset(
         x = _as_nchw(ds.data, spec, what)  # (N, C, H, W) uint8
         splits[f"{split}_x"] = x
         splits[f"{split}_y"] = _as_labels(ds.targets, len(x), spec, what)
-    _atomic_torch_save({"name": spec.name, "classes": list(spec.classes), **splits}, out)
+    save_torch({"name": spec.name, "classes": list(spec.classes), **splits}, out)
     log(f"{spec.name}: wrote {out} ({len(splits['train_x'])} train, {len(splits['test_x'])} test images)")
     return out
 

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 
 
 _UMASK = os.umask(0)
@@ -57,6 +56,8 @@ def write_json(obj: Any, path: str | Path) -> Path:
 
 
 def save_torch(obj: Any, path: str | Path) -> Path:
+    import torch  # here, not at the top: plots and report write files too and never need torch
+
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
     return Path(path)
@@ -72,6 +73,8 @@ def load_torch(path: str | Path, what: str = "file") -> Any:
     A file carrying a pickle payload (anything but tensors, numbers, strings and containers) is
     refused with a clear error rather than run.
     """
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} does not exist")
@@ -112,7 +115,9 @@ def git_commit(cwd: str | Path = ".") -> str:
     return sha + ("-dirty" if dirty else "")
 
 
-def hardware(device: torch.device | str = "cpu") -> dict[str, Any]:
+def hardware(device: Any = "cpu") -> dict[str, Any]:
+    import torch
+
     info: dict[str, Any] = {
         "platform": platform.platform(),
         "machine": platform.machine(),

@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from normres.io import atomic_path  # noqa: E402
 from normres.specs import figure_names  # noqa: E402  (re-exported: the rule outputs use it)
 
 __all__ = [
@@ -698,16 +698,9 @@ def render_misclassified(
 def save(fig: Figure, path: str | os.PathLike) -> Path:
     """Write ``fig`` as PNG atomically (temp file in the same directory, then ``os.replace``) and close it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Not tempfile.mkstemp: its 0600 mode would survive os.replace; open("xb") honours the umask.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with open(tmp, "xb") as fh:
-            fig.savefig(fh, format="png", dpi=DPI)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=DPI)
     finally:
         pyplot = sys.modules.get("matplotlib.pyplot")
         if pyplot is not None:  # only figures made through pyplot are registered there

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import re
-import uuid
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 import jinja2
 import pandas as pd
 
+from normres.io import atomic_path
 from normres.plots import NORM_ORDER
 
 __all__ = ["build_report", "collect_provenance", "figure_caption"]
@@ -354,14 +354,6 @@ def build_report(
             provenance_json=json.dumps(provenance, indent=1, sort_keys=True, default=str),
         )
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Not tempfile.mkstemp: its 0600 mode would survive os.replace; open("x") honours the umask.
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8") as fh:
-            fh.write(html)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(out) as tmp:
+        tmp.write_text(html, encoding="utf-8")
     return out
