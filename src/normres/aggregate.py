@@ -9,14 +9,24 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from normres.evaluate import metrics_table
 from normres.io import read_json, write_csv
+from normres.specs import METRIC_COLUMNS
 
 RUN_KEYS = ["study", "dataset", "model", "norm", "depth", "batch_size", "seed"]
 CONDITION = ["study", "dataset", "model", "norm", "depth", "batch_size"]
-METRICS = [f"{split}_{m}" for split in ("train", "val", "test") for m in ("accuracy", "micro_f1", "macro_f1", "loss")]
+METRICS = [f"{split}_{m}" for split in ("train", "val", "test") for m in METRIC_COLUMNS[1:]]
 RUN_COLUMNS = [*RUN_KEYS, "status", "epochs", "wall_seconds", *METRICS, "run_dir"]
 SUMMARY_COLUMNS = [*CONDITION, "metric", "n", "n_diverged", "mean", "std", "ci95_low", "ci95_high"]
+
+
+def metrics_table(metrics_csv: str | Path) -> dict[str, float]:
+    """Read a metrics.csv into ``{"test_accuracy": ..., "val_loss": ...}``; errors name the file."""
+    path = Path(metrics_csv)
+    df = pd.read_csv(path)
+    missing = set(METRIC_COLUMNS) - set(df.columns)
+    if missing:
+        raise ValueError(f"{path} lacks columns {sorted(missing)} (expected {METRIC_COLUMNS})")
+    return {f"{r.split}_{m}": float(getattr(r, m)) for r in df.itertuples() for m in METRIC_COLUMNS[1:]}
 
 
 def run_row(run_dir: str | Path) -> dict:

@@ -12,6 +12,7 @@ import os
 import pickle
 import platform
 import subprocess
+import sys
 import tempfile
 import zipfile
 from collections.abc import Iterator, Mapping
@@ -90,11 +91,13 @@ def load_torch(path: str | Path, what: str = "file") -> Any:
 
 
 def package_versions() -> dict[str, str]:
-    names = ["normres", "torch", "torchvision", "numpy", "pandas", "scikit-learn", "matplotlib"]
+    names = ["normres", "torch", "torchvision", "numpy", "pandas", "matplotlib"]
     out = {"python": platform.python_version()}
     for name in names:
+        # A loaded module's own version names its build too (torch '2.14.1+cu130').
+        version = getattr(sys.modules.get(name), "__version__", None)
         try:
-            out[name] = metadata.version(name)
+            out[name] = str(version) if version else metadata.version(name)
         except metadata.PackageNotFoundError:
             out[name] = "not installed"
     return out

@@ -2,8 +2,8 @@
 
 The Snakefile validates the config and names every output on each invocation, dry runs included;
 importing torch for that would cost seconds per call. So the names, the options each norm accepts,
-the channel widths of each model and the figure names live here, and ``norms``, ``models`` and
-``plots`` build on them.
+the channel widths of each model, the columns of metrics files and the figure names live here,
+and ``norms``, ``models``, ``evaluate``, ``aggregate`` and ``plots`` build on them.
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ DEFAULT_GROUPS = 32
 MODELS = ("resnet", "cnn")
 RESNET_WIDTHS = (16, 32, 64)  # the three stages of He et al.'s CIFAR ResNet
 CNN_WIDTHS = (16, 16, 32, 32)  # the MNIST study's four conv layers
+
+# Columns of a run's metrics.csv: one row per split (train, val, test).
+METRIC_COLUMNS = ["split", "accuracy", "micro_f1", "macro_f1", "loss"]
 
 
 def is_positive_int(value: object) -> bool:
