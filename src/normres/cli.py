@@ -54,6 +54,7 @@ def _train(args: argparse.Namespace) -> None:
         "epochs": args.epochs,
         "val_size": args.val_size,
         "train_subset": args.train_subset,
+        "test_subset": args.test_subset,
         "optimizer": {"lr": args.lr, "weight_decay": args.weight_decay},
         "schedule": {"milestones": args.milestones if args.milestones is not None else default_milestones(args.epochs)},
         "augment": {"crop_pad": args.crop_pad, "flip": args.flip, "rotation": args.rotation},
@@ -133,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rotation", type=float, default=0.0, help="random rotation in +- degrees")
     s.add_argument("--val-size", type=int, default=10000, help="validation images held out of the training set")
     s.add_argument("--train-subset", type=int, default=None, help="train on only this many images")
+    s.add_argument("--test-subset", type=int, default=None, help="test on only the first this many test images")
     s.add_argument("--eval-test", action="store_true", help="evaluate the test split every epoch")
     s.add_argument("--seed", type=int, default=0, help="random seed")
     s.add_argument("--threads", type=int, default=2, help="torch CPU threads")

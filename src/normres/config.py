@@ -158,6 +158,7 @@ def run_settings(config: Mapping[str, Any], spec: RunSpec) -> dict[str, Any]:
         "epochs": study["epochs"],
         "val_size": study["val_size"],
         "train_subset": study["train_subset"],
+        "test_subset": study["test_subset"],
         "split_seed": study["split_seed"],
         "optimizer": opt,
         "schedule": dict(study["schedule"]),
