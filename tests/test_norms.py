@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -69,6 +71,15 @@ def _forward_backward(module: nn.Module, x: torch.Tensor, dy: torch.Tensor):
     return y.detach(), x.grad, grads
 
 
+@pytest.fixture(params=["fused", "composite"])
+def form(request, monkeypatch) -> str:
+    """Run a test on both forms of the hand-written norms: the eager fused autograd function, and the
+    composite ops they switch to while torch.compile traces (here made to run eagerly)."""
+    if request.param == "composite":
+        monkeypatch.setattr(norms, "_compiling", lambda: True)
+    return request.param
+
+
 def _assert_close(actual, expected, scale_tol: float = 1e-5):
     """float32 comparison with an absolute tolerance relative to the tensor's scale."""
     atol = scale_tol * max(1.0, expected.abs().max().item())
@@ -81,7 +92,7 @@ def _assert_close(actual, expected, scale_tol: float = 1e-5):
 
 @pytest.mark.parametrize("name", ["bn", "in", "ln", "gn"])
 @pytest.mark.parametrize("eps", [1e-5, 1e-1])
-def test_matches_torch_forward_and_gradients(name, eps):
+def test_matches_torch_forward_and_gradients(name, eps, form):
     options = {**SMALL_OPTIONS.get(name, {}), "eps": eps}
     ours, ref = make_norm(name, 8, **options), _reference(name, 8, **options)
     _randomise_affine(ours, ref)
@@ -98,7 +109,7 @@ def test_matches_torch_forward_and_gradients(name, eps):
 
 
 @pytest.mark.parametrize("name", ["bn", "in", "ln", "gn"])
-def test_matches_torch_in_eval_mode(name):
+def test_matches_torch_in_eval_mode(name, form):
     options = SMALL_OPTIONS.get(name, {})
     ours, ref = make_norm(name, 8, **options), _reference(name, 8, **options)
     _randomise_affine(ours, ref)
@@ -119,7 +130,7 @@ def test_matches_torch_in_eval_mode(name):
 
 
 @pytest.mark.parametrize("momentum", [0.1, 0.3, None])
-def test_bn_running_stats_match_torch(momentum):
+def test_bn_running_stats_match_torch(momentum, form):
     ours, ref = make_norm("bn", 8, momentum=momentum), _reference("bn", 8, momentum=momentum)
     _randomise_affine(ours, ref)
     for step in range(4):
@@ -144,7 +155,7 @@ def test_bn_state_dict_is_interchangeable_with_torch():
 
 
 @pytest.mark.parametrize("name", HAND_WRITTEN)
-def test_gradcheck_float64(name):
+def test_gradcheck_float64(name, form):
     norm = make_norm(name, 4, **({"groups": 2} if name == "gn" else {})).double()
     _randomise_affine(norm)
     if name == "bin":
@@ -160,7 +171,7 @@ def test_gradcheck_float64(name):
 
 
 @pytest.mark.parametrize("name", HAND_WRITTEN)
-def test_input_with_dominant_mean(name):
+def test_input_with_dominant_mean(name, form):
     """Slabs whose mean is 1000x their spread still normalise correctly (cancellation path)."""
     options = SMALL_OPTIONS.get(name, {})
     ours = make_norm(name, 8, **options)
@@ -234,7 +245,7 @@ def _random_bin(channels=8):
     return norm
 
 
-def test_bin_matches_composite_reference():
+def test_bin_matches_composite_reference(form):
     norm = _random_bin()
     x = _input((6, 8, 5, 7)).requires_grad_(True)
     dy = torch.randn(6, 8, 5, 7, generator=torch.Generator().manual_seed(4))
@@ -251,7 +262,7 @@ def test_bin_matches_composite_reference():
         _assert_close(actual, want)
 
 
-def test_bin_running_stats_and_eval_mode():
+def test_bin_running_stats_and_eval_mode(form):
     norm, bn = _random_bin(), nn.BatchNorm2d(8)
     for step in range(3):
         x = _input((6, 8, 5, 7), seed=40 + step)
@@ -298,6 +309,42 @@ def test_clamp_gates_and_gate_parameters():
     assert torch.equal(model[1].rho.detach(), torch.tensor([0.0, 0.25, 1.0, 1.0]))
     assert torch.equal(model[2][1].rho.detach(), torch.tensor([1.0, 0.0, 0.0, 0.5]))
     assert model[1].rho.requires_grad  # still a trainable leaf
+
+
+# --------------------------------------------------------------------------------------------
+# under torch.compile
+
+
+@pytest.mark.parametrize("name", HAND_WRITTEN)
+def test_compiles_to_one_graph_of_composite_ops(name, monkeypatch):
+    """torch.compile traces each norm as one graph (fullgraph: a break fails) of plain ops, not the
+    fused function, and the compiled train and eval steps match eager ones, running statistics too.
+    aot_eager runs AOTAutograd (the compiler's generated backward, buffer mutation) without codegen."""
+    eager = make_norm(name, 8, **SMALL_OPTIONS.get(name, {}))
+    _randomise_affine(eager)
+    compiled = copy.deepcopy(eager)
+    step = torch.compile(compiled, fullgraph=True, backend="aot_eager")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the fused function was traced")
+
+    for mode in ("train", "train", "eval"):
+        for m in (eager, compiled):
+            m.train(mode == "train")
+        x = _input((6, 8, 5, 7), seed=len(mode))
+        dy = torch.randn(6, 8, 5, 7)
+        expected = _forward_backward(eager, x, dy)
+        with monkeypatch.context() as patch:
+            patch.setattr(norms._FusedNormFunction, "apply", refuse)
+            actual = _forward_backward(step, x, dy)
+        for a, e in zip(actual[:2], expected[:2]):
+            _assert_close(a, e)
+        grads = {key.removeprefix("_orig_mod."): grad for key, grad in actual[2].items()}
+        assert grads.keys() == expected[2].keys()
+        for key in grads:
+            _assert_close(grads[key], expected[2][key])
+    for key, buffer in eager.named_buffers():
+        _assert_close(dict(compiled.named_buffers())[key].float(), buffer.float())
 
 
 # --------------------------------------------------------------------------------------------
@@ -443,7 +490,7 @@ def test_patching_catches_torch_layers(no_norm_kernels):
 
 
 @pytest.mark.parametrize("name", HAND_WRITTEN)
-def test_hand_written_norms_use_no_norm_kernels(name, no_norm_kernels):
+def test_hand_written_norms_use_no_norm_kernels(name, no_norm_kernels, form):
     norm = make_norm(name, 8, **SMALL_OPTIONS.get(name, {}))
     x = torch.randn(4, 8, 5, 5, requires_grad=True)
     norm(x).square().sum().backward()

@@ -157,3 +157,29 @@ def test_test_subset_evaluates_the_first_test_images(tmp_path, prepared):
 def test_test_subset_larger_than_the_test_split_is_named(tmp_path, prepared):
     with pytest.raises(ValueError, match="test_subset 100000 exceeds the .* test images"):
         run(tmp_path, prepared, test_subset=100000)
+
+
+def test_compile_model_leaves_the_model_as_it_was():
+    from normres.models import build_model
+
+    model = build_model("cnn", "bin", 1, 1, 10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = torch.randn(8, 1, 28, 28), torch.arange(8)
+    step, seconds = T.compile_model(model, x, y)
+    assert seconds > 0
+    assert all(p.grad is None for p in model.parameters())
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # running statistics included
+    torch.testing.assert_close(step(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_compile_switch_trains_like_eager(tmp_path, prepared):
+    """`compile: true` trains through torch.compile (inductor) to the eager run's numbers, partial
+    last batch included, and reports compile time apart from the epochs."""
+    _, eager, a = run(tmp_path, prepared, name="eager", norm="gn", norm_options={"gn": {"groups": 4}}, epochs=1)
+    _, compiled, b = run(tmp_path, prepared, name="compiled", norm="gn", norm_options={"gn": {"groups": 4}}, epochs=1, compile=True)
+    assert eager["compile_seconds"] == 0 and compiled["compile_seconds"] > 0
+    ha, hb = (pd.read_csv(d / "history.csv") for d in (a, b))
+    for column in ("train_loss", "val_loss", "feat_p1", "feat_p99"):
+        assert hb[column].iloc[0] == pytest.approx(ha[column].iloc[0], rel=1e-3, abs=1e-4), column

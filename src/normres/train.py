@@ -131,6 +131,33 @@ def l1_penalty(model: nn.Module) -> Tensor:
     return sum(p.abs().sum() for p in model.parameters())  # type: ignore[return-value]
 
 
+def autocast(device: torch.device, bf16: bool) -> torch.autocast:
+    """bfloat16 autocast when asked for on CUDA; a no-op context elsewhere."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
+
+
+def compile_model(
+    model: nn.Module, example: Tensor, labels: Tensor, bf16: bool = False
+) -> tuple[Callable[[Tensor], Tensor], float]:
+    """``torch.compile(model)``, with its forward and backward compiled now on one training batch.
+
+    Returns the compiled callable and the seconds compilation took, so that epoch timings measure
+    training alone. The warm-up step leaves the model as it found it: parameters, gradients and
+    running statistics are restored. (A last, smaller batch of an epoch still recompiles once.)
+    """
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    step = torch.compile(model)
+    t0 = time.perf_counter()
+    model.train()
+    with autocast(example.device, bf16):
+        logits = step(example)
+    F.cross_entropy(logits.float(), labels).backward()
+    seconds = time.perf_counter() - t0
+    model.zero_grad(set_to_none=True)
+    model.load_state_dict(state)
+    return step, seconds
+
+
 # ---------------------------------------------------------------------------------------------
 # One epoch, one evaluation
 
@@ -157,7 +184,7 @@ def train_one_epoch(
 ) -> EpochStats:
     """One pass over (x uint8, y); raises :class:`Diverged` on a non-finite loss."""
     model.train()
-    forward = step or model
+    forward = model if step is None else step  # (a compiled module refuses bool())
     t0 = time.perf_counter()
     loss_sum = torch.zeros((), device=x.device)
     correct = torch.zeros((), device=x.device, dtype=torch.long)
@@ -165,7 +192,7 @@ def train_one_epoch(
     for idx in D.batches(len(x), batch_size, generator, shuffle=True):
         xb = augment(x[idx], generator)  # (B, C, H, W) float32, normalised
         yb = y[idx]
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16 and x.device.type == "cuda"):
+        with autocast(x.device, bf16):
             logits = forward(xb)
             loss = F.cross_entropy(logits.float(), yb)
         objective = loss + l1 * l1_penalty(model) if l1 else loss
@@ -408,10 +435,9 @@ def train_run(
     step = None
     compile_seconds = extra.get("compile_seconds", 0.0)
     if settings.get("compile"):
-        t0 = time.perf_counter()
-        step = torch.compile(model)
-        step(augment(data.train_x[:2], torch.Generator(device=dev).manual_seed(0)))  # trigger compilation
-        compile_seconds += time.perf_counter() - t0
+        example = augment(data.train_x[: settings["batch_size"]], torch.Generator(device=dev).manual_seed(0))
+        step, seconds = compile_model(model, example, data.train_y[: settings["batch_size"]], settings.get("bf16", False))
+        compile_seconds += seconds
 
     status = "completed"
     epochs = int(settings["epochs"])
