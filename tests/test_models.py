@@ -1,7 +1,9 @@
+import copy
+
 import pytest
 import torch
 
-from normres.models import build_model, count_parameters, feature_quantiles, norm_channels
+from normres.models import build_model, count_parameters, feature_quantiles, norm_channels, set_memory_format
 from normres.norms import NORMS
 
 
@@ -54,3 +56,28 @@ def test_feature_quantiles_match_numpy():
 
     expected = np.quantile(f.numpy().ravel(), [0.01, 0.2, 0.8, 0.99])
     assert np.allclose(feature_quantiles(f), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("norm", sorted(NORMS))
+@pytest.mark.parametrize("model,shape", [("resnet", (3, 32, 32)), ("cnn", (1, 28, 28))])
+def test_models_compute_in_channels_last(norm, model, shape):
+    """Weights are NHWC and every norm layer gets NHWC input (the fast layout on these CPUs), from
+    plain NCHW images; outputs equal those of the same weights run in NCHW throughout."""
+    opts = {"groups": 4} if norm == "gn" else {}
+    net = build_model(model, norm, 1, shape[0], 10, opts)
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    layouts = []
+    for conv in convs:
+        conv.register_forward_hook(
+            lambda m, args, out: layouts.append(not out.is_contiguous() and out.is_contiguous(memory_format=torch.channels_last))
+        )
+    x = torch.randn(4, *shape)
+    out = net(x)
+    assert layouts and all(layouts), "a conv output (the next norm's input) is not channels_last"
+
+    nchw = set_memory_format(copy.deepcopy(net), torch.contiguous_format)
+    layouts.clear()
+    expected = nchw(x)
+    assert not any(layouts)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)

@@ -183,3 +183,17 @@ def test_compile_switch_trains_like_eager(tmp_path, prepared):
     ha, hb = (pd.read_csv(d / "history.csv") for d in (a, b))
     for column in ("train_loss", "val_loss", "feat_p1", "feat_p99"):
         assert hb[column].iloc[0] == pytest.approx(ha[column].iloc[0], rel=1e-3, abs=1e-4), column
+
+
+def test_configure_torch_follows_threads_and_is_deterministic_without_nan_filling():
+    import subprocess
+    import sys
+
+    # a fresh interpreter: these are process-wide settings
+    code = (
+        "import sys, torch; from normres.train import configure_torch; configure_torch(1); "
+        "print(torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), "
+        "torch.utils.deterministic.fill_uninitialized_memory, 'torch._inductor' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["1", "True", "False", "False"]
