@@ -23,9 +23,11 @@ at 1.6-1.8x ``nn.BatchNorm2d`` per ResNet train step, batch-instance norm built 
 Under ``torch.compile`` the same arithmetic takes a composite form instead: per-(n, c) moments from
 one ``var_mean`` and ``y = x * a + b`` from plain differentiable ops, so that the compiler sees the
 whole graph (no data-dependent branch, no opaque autograd function), generates the backward itself
-and fuses both with the neighbouring pointwise ops (ReLU, residual additions). Compiled ResNet-14 steps then run at
-0.7x the eager ``nn.BatchNorm2d`` step for every norm (``make bench``). Both forms are tested
-against torch's layers.
+and fuses both with the neighbouring pointwise ops (ReLU, residual additions). Compiled ResNet-14
+steps then run at 0.7x the eager NCHW ``nn.BatchNorm2d`` step for every norm (``make bench``).
+Both forms are tested against torch's layers.
+
+Every layer keeps the memory layout it is given (NCHW or channels_last, which the models use).
 
 None of them calls torch's normalization kernels. Statistics are computed in float32 (float64 for
 float64 inputs).
@@ -208,13 +210,7 @@ class _FusedNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, rho, means, rstds, kinds, averaging):  # type: ignore[override]
-        dtype = means[0].dtype
-        scale = shift = None  # (N|1, C): sum_k gamma * w_k * rstd_k and bias - sum_k (...) * mean_k
-        for gamma_k, mean, rstd in zip(_branch_gammas(weight, rho, len(kinds), dtype), means, rstds):
-            a_k = gamma_k * rstd
-            scale = a_k if scale is None else scale + a_k
-            shift = -a_k * mean if shift is None else shift - a_k * mean
-        shift = shift + bias.to(dtype)
+        scale, shift = _fold_affine(weight, bias, rho, means, rstds)
         c = x.shape[1]
         # One mul and one in-place add: on CPUs addcmul with a broadcast first operand is not
         # vectorised and costs 2x. Half/bfloat16 inputs are scaled in float32 (promotion), since
@@ -297,6 +293,20 @@ class _FusedNormFunction(torch.autograd.Function):
         return dx, d_weight, d_bias, d_rho, None, None, None, None
 
 
+def _fold_affine(
+    weight: Tensor, bias: Tensor, rho: Tensor | None, means: tuple[Tensor, ...], rstds: tuple[Tensor, ...]
+) -> tuple[Tensor, Tensor]:
+    """Per-(n, c) scale and shift, each (N|1, C), with y = x * scale + shift:
+    scale = sum_k gamma_k * rstd_k and shift = bias - sum_k gamma_k * rstd_k * mean_k."""
+    dtype = means[0].dtype
+    scale = shift = None
+    for gamma_k, mean, rstd in zip(_branch_gammas(weight, rho, len(means), dtype), means, rstds):
+        a_k = gamma_k * rstd
+        scale = a_k if scale is None else scale + a_k
+        shift = -a_k * mean if shift is None else shift - a_k * mean
+    return scale, shift + bias.to(dtype)
+
+
 def _branch_gammas(weight: Tensor, rho: Tensor | None, branches: int, dtype: torch.dtype) -> list[Tensor]:
     """Per-channel (C,) weight of each branch: gamma, or gamma * rho and gamma * (1 - rho)."""
     gamma = weight if weight.dtype == dtype else weight.to(dtype)
@@ -335,13 +345,9 @@ def _composite_norm(
     x: Tensor, weight: Tensor, bias: Tensor, stats: list[tuple[Tensor, Tensor]], eps: float, rho: Tensor | None
 ) -> Tensor:
     """The forward of :class:`_FusedNormFunction` from differentiable ops (statistics included)."""
-    dtype = stats[0][1].dtype
-    scale = shift = None  # (N|1, C)
-    for gamma_k, (var, mean) in zip(_branch_gammas(weight, rho, len(stats), dtype), stats):
-        a_k = gamma_k * torch.rsqrt(var + eps)
-        scale = a_k if scale is None else scale + a_k
-        shift = -a_k * mean if shift is None else shift - a_k * mean
-    shift = shift + bias.to(dtype)
+    means = tuple(mean for _, mean in stats)
+    rstds = tuple(torch.rsqrt(var + eps) for var, _ in stats)
+    scale, shift = _fold_affine(weight, bias, rho, means, rstds)
     c = x.shape[1]
     return (x * scale.view(-1, c, 1, 1) + shift.view(-1, c, 1, 1)).to(x.dtype)  # (N, C, H, W)
 
