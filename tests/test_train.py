@@ -115,6 +115,24 @@ def test_divergence_is_recorded(tmp_path, prepared):
     assert (out / "model.pt").exists() and (out / "history.csv").exists()
 
 
+@pytest.mark.parametrize("check_every", [1, 3, 1000])
+def test_divergence_between_checks_is_still_found(check_every):
+    """GPUs check the loss only every few steps (no host sync per step); a NaN in between, or
+    after the last check of the epoch, must still end the epoch as diverged."""
+    from normres.data import Augmentation
+    from normres.models import build_model
+
+    model = build_model("cnn", "nn", 1, 1, 10)
+    with torch.no_grad():
+        model.fc.bias.fill_(math.nan)  # every loss is NaN from the first step on
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8), torch.arange(40) % 10
+    augment = Augmentation(mean=(0.5,), std=(0.25,))
+    with pytest.raises(T.Diverged, match="non-finite"):
+        T.train_one_epoch(model, opt, x, y, 8, augment, torch.Generator().manual_seed(0), check_every=check_every)
+    assert T.divergence_check_interval(torch.device("cpu")) == 1  # CPUs stop at the first bad step
+
+
 def test_l1_penalty_shrinks_weights(tmp_path, prepared):
     _, _, plain = run(tmp_path, prepared, name="plain", optimizer={"lr": 0.05, "weight_decay": 0.0})
     _, _, l1 = run(tmp_path, prepared, name="l1", optimizer={"lr": 0.05, "weight_decay": 0.0}, l1={"bn": 0.01})

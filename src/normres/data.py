@@ -21,6 +21,7 @@ Also :func:`read_pixel_csv` / :func:`write_pixel_csv` for images given as CSV ro
 from __future__ import annotations
 
 import csv
+import functools
 import gzip
 import hashlib
 import logging
@@ -763,10 +764,19 @@ def normalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     if len(mean) != x.shape[1] or len(std) != x.shape[1]:
         raise ValueError(f"mean/std have {len(mean)}/{len(std)} values for {x.shape[1]} channels")
     unit = 255.0 if x.dtype == torch.uint8 else 1.0
-    scale = [1.0 / (unit * sd) for sd in std]
-    shift = [-mu / sd for mu, sd in zip(mean, std)]
-    params = torch.tensor([scale, shift], dtype=torch.float32).view(2, 1, -1, 1, 1).to(x.device, non_blocking=True)
+    scale = tuple(1.0 / (unit * sd) for sd in std)
+    shift = tuple(-mu / sd for mu, sd in zip(mean, std))
+    params = _affine_params(scale, shift, x.device)
     return torch.addcmul(params[1], x.float(), params[0])  # one pass; never writes into x
+
+
+@functools.lru_cache(maxsize=16)
+def _affine_params(scale: tuple[float, ...], shift: tuple[float, ...], device: torch.device) -> Tensor:
+    """(2, 1, C, 1, 1) per-channel scale and shift on ``device``, built once: on a GPU a new
+    host-to-device copy for every batch would be wasted work on the training path. Made outside
+    inference mode, since evaluation may be the first to ask and training uses it after."""
+    with torch.inference_mode(False):
+        return torch.tensor([scale, shift], dtype=torch.float32).view(2, 1, -1, 1, 1).to(device)
 
 
 AUGMENT_KEYS = ("crop_pad", "flip", "rotation", "brightness", "contrast")
