@@ -27,8 +27,8 @@ Step timings are interleaved across variants and reported as medians over rounds
 machines are noisy. ``--quick`` shrinks everything so that CI can check that the benchmark works; its
 ratios are indicative only.
 
-    python benchmarks/bench.py            # the full benchmark (~5 min on 2 cores)
-    python benchmarks/bench.py --quick    # smoke mode (~1 min)
+    python benchmarks/bench.py            # the full benchmark (~10 min on 2 cores)
+    python benchmarks/bench.py --quick    # smoke mode (~2 min)
 """
 
 from __future__ import annotations
