@@ -385,3 +385,11 @@ def test_report_rejects_missing_figure(results, tmp_path):
         report.build_report(
             results["runs"], results["summary"], {"loss": tmp_path / "none.png"}, {}, {}, tmp_path / "r.html"
         )
+
+
+def test_settings_text_shows_unset_values():
+    from normres.report import _describe
+
+    assert _describe({"test_subset": None, "optimizer": {"lr": 0.1, "reference_batch_size": None}}) == (
+        "optimizer: {lr: 0.1, reference_batch_size: –}, test_subset: –"
+    )

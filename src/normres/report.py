@@ -76,7 +76,7 @@ def _describe(value: Any, nested: bool = False) -> str:
     if isinstance(value, list | tuple):
         text = ", ".join(_describe(v, nested=True) for v in value)
         return f"[{text}]" if nested else text
-    return "" if value is None else str(value)
+    return "–" if value is None else str(value)  # as _fmt shows a missing value
 
 
 def _hms(seconds: float) -> str:
