@@ -47,8 +47,8 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-import yaml
 import torch.nn.functional as F
+import yaml
 
 from normres.models import build_model, set_memory_format
 from normres.norms import clamp_gates_
