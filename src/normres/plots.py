@@ -42,6 +42,7 @@ __all__ = [
     "feature_percentiles",
     "figure_names",
     "final_accuracy",
+    "forest_plot",
     "misclassified_grid",
     "render_misclassified",
     "save",
@@ -739,3 +740,73 @@ def study_figures(
     paths["depth_effect"] = save(depth_effect(runs), out_dir / "depth_effect.png")
     paths["final_accuracy"] = save(final_accuracy(summary, runs=runs), out_dir / "final_accuracy.png")
     return paths
+
+
+# ---------------------------------------------------------------------------------------------------------
+# paired comparisons with the reference norm (normres.significance)
+
+_FOREST_COLUMNS = ("study", "depth", "batch_size", "metric", "norm", "reference", "n_pairs", "mean_diff",
+                   "ci95_low", "ci95_high", "p_holm", "significant", "note")  # fmt: skip
+
+
+def forest_plot(comparisons: pd.DataFrame, study: str, title: str | None = None) -> Figure:
+    """The paired differences (norm − reference) of one study from ``normres.significance.compare``: one row
+    per comparison, a point at the mean difference with its 95% CI bar, a line at 0. Points are filled where
+    the difference is significant at 5% after Holm's correction, open where not; comparisons without a CI
+    say why (``note``) on their row."""
+    _require(comparisons, _FOREST_COLUMNS, "comparisons")
+    data = _numeric(comparisons[comparisons["study"].astype(str) == str(study)],
+                    ["mean_diff", "ci95_low", "ci95_high", "p_holm"])  # fmt: skip
+    metrics = list(data["metric"].astype(str).unique())
+    if len(metrics) > 1:
+        raise ValueError(f"comparisons of study {study!r} hold several metrics ({', '.join(metrics)}); pass one")
+    metric = _metric_label(metrics[0]) if metrics else "metric"
+    references = ", ".join(map(str, data["reference"].astype(str).unique()))
+    title = title or f"{study}: {metric} against {references or 'the reference'} (paired by seed, 95% CI)"
+    if data.empty:
+        return _message_figure(title, f"no comparisons for study {study!r} (no norm besides the reference)")
+    has_ci = np.isfinite(data["ci95_low"]) & np.isfinite(data["ci95_high"])
+    if not has_ci.any():
+        return _message_figure(title, "no comparison has a confidence interval (needs >= 2 paired seeds)")
+
+    varying = _varying(data) - {"study"}
+    norms = list(data["norm"].astype(str).unique())
+    fig = Figure(figsize=(8.6, 0.36 * len(data) + 1.9), layout="constrained")
+    ax = fig.add_subplot()
+    labels = []
+    for y, (_, row) in enumerate(data.iterrows()):
+        labels.append(_label(study, f"{row['norm']} vs {row['reference']}", row["depth"], row["batch_size"],
+                             varying))  # fmt: skip
+        if not has_ci.loc[row.name]:
+            reason = row["note"] if isinstance(row["note"], str) and row["note"] else "no confidence interval"
+            ax.text(0, y, f" {_text(reason)} ({int(row['n_pairs'])} paired)", va="center", fontsize=7,
+                    color="#b00")  # fmt: skip
+            continue
+        colour = _norm_colour(str(row["norm"]), norms)
+        significant = bool(row["significant"])
+        mean, lo, hi = row["mean_diff"], row["ci95_low"], row["ci95_high"]
+        ax.errorbar([mean], [y], xerr=[[mean - lo], [hi - mean]], color=colour, linewidth=1.6, capsize=3,
+                    marker="o", markersize=7, markeredgecolor=colour,
+                    markerfacecolor=colour if significant else "white")  # fmt: skip
+        p = row["p_holm"]
+        if np.isfinite(p):
+            note = f"Holm p={p:.3f}" if p >= 0.001 else "Holm p<0.001"
+        else:  # zero variance of the differences: no t-test
+            note = _text(row["note"]) if isinstance(row["note"], str) else "no p-value"
+        ax.text(hi, y, f"  {note}", va="center", fontsize=7)
+    ax.axvline(0, color="black", linewidth=0.9, zorder=0)
+    ends = np.concatenate([data.loc[has_ci, "ci95_low"], data.loc[has_ci, "ci95_high"], [0.0]])
+    span = float(ends.max() - ends.min()) or 0.01
+    ax.set_xlim(ends.min() - 0.08 * span, ends.max() + 0.35 * span)  # room for the p-values on the right
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.set_ylim(len(labels) - 0.5, -0.5)  # first comparison on top
+    ax.set_xlabel(f"difference in {metric} (norm − reference)")
+    ax.grid(axis="x", alpha=0.3)
+    handles = [
+        ax.plot([], [], marker="o", color="black", linestyle="none", label="significant (Holm p < 0.05)")[0],
+        ax.plot([], [], marker="o", color="black", markerfacecolor="white", linestyle="none",
+                label="not significant")[0],  # fmt: skip
+    ]
+    fig.legend(handles=handles, loc="outside lower center", fontsize=8, ncols=2)
+    fig.suptitle(_text(title))
+    return fig
