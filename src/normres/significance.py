@@ -151,7 +151,9 @@ def _check(runs: pd.DataFrame, reference: Mapping[str, str], metric: str) -> Non
     needed = [*RUN_KEYS, "status", metric]
     missing = [c for c in needed if c not in runs.columns]
     if missing:
-        raise ValueError(f"runs lack column(s) {', '.join(missing)} (has: {', '.join(map(str, runs.columns))})")
+        raise ValueError(
+            f"runs lack column(s) {', '.join(missing)} (has: {', '.join(map(str, runs.columns))})"
+        )
     for study, study_runs in runs.groupby("study", sort=True):
         if study not in reference:
             known = ", ".join(map(str, reference)) or "none"
@@ -164,8 +166,8 @@ def _check(runs: pd.DataFrame, reference: Mapping[str, str], metric: str) -> Non
             )
     duplicated = runs[runs.duplicated(RUN_KEYS, keep=False)]
     if not duplicated.empty:
-        first = dict(zip(RUN_KEYS, duplicated[RUN_KEYS].iloc[0].tolist(), strict=True))
-        raise ValueError(f"runs has {len(duplicated)} rows for the same run, e.g. {first}")
+        first = ", ".join(f"{k}={v}" for k, v in zip(RUN_KEYS, duplicated[RUN_KEYS].iloc[0], strict=True))
+        raise ValueError(f"runs has more than one row for a run ({len(duplicated)} such rows), e.g. {first}")
 
 
 def _values_by_seed(runs: pd.DataFrame, metric: str) -> tuple[pd.Series, pd.Series]:
