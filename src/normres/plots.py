@@ -759,7 +759,9 @@ def forest_plot(comparisons: pd.DataFrame, study: str, title: str | None = None)
                     ["mean_diff", "ci95_low", "ci95_high", "p_holm"])  # fmt: skip
     metrics = list(data["metric"].astype(str).unique())
     if len(metrics) > 1:
-        raise ValueError(f"comparisons of study {study!r} hold several metrics ({', '.join(metrics)}); pass one")
+        raise ValueError(
+            f"comparisons of study {study!r} hold several metrics ({', '.join(metrics)}); pass one at a time"
+        )
     metric = _metric_label(metrics[0]) if metrics else "metric"
     references = ", ".join(map(str, data["reference"].astype(str).unique()))
     title = title or f"{study}: {metric} against {references or 'the reference'} (paired by seed, 95% CI)"
