@@ -1,9 +1,9 @@
 # normres: a reproducible study of normalization layers in deep CNNs.
 #
 # Results path convention (docs/architecture.md):
-#   resources/{dataset}/data.pt                                         prepared uint8 tensors
-#   results/runs/{study}/{norm}/n{depth}_b{batch_size}/seed{seed}/      model, history, metrics, predictions
-#   results/{runs,summary,histories}.csv                                aggregated over runs and seeds
+#   resources/{dataset}/data.pt, corrupted.pt                           prepared uint8 tensors
+#   results/runs/{study}/{norm}/n{depth}_b{batch_size}/seed{seed}/      model, history, metrics, predictions, robustness
+#   results/{runs,summary,histories,robustness,comparisons}.csv         aggregated over runs and seeds
 #   results/figures/...                                                 figures
 #   results/report.html                                                 the self-contained report
 from snakemake.utils import min_version
@@ -30,7 +30,9 @@ include: "workflow/rules/report.smk"
 localrules:
     all,
     prepare_data,
+    corrupt,
     aggregate,
+    compare,
     figures,
     misclassified,
     report,

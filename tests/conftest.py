@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from normres.config import RunSpec, run_settings, validate_config
+from normres.config import RunSettings, RunSpec, validate_config
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 REPO = Path(__file__).resolve().parents[1]
@@ -59,9 +59,9 @@ TINY_STUDY = {
 }
 
 
-def settings_for(norm="bn", model="cnn", depth=1, batch_size=32, seed=0, **study_overrides) -> dict:
+def settings_for(norm="bn", model="cnn", depth=1, batch_size=32, seed=0, **study_overrides) -> RunSettings:
     study = copy.deepcopy(TINY_STUDY)
     study.update(model=model, grid=[{"norm": [norm], "depth": [depth], "batch_size": [batch_size]}])
     study.update(study_overrides)
     config = validate_config({"studies": {"t": study}})
-    return run_settings(config, RunSpec("t", norm, depth, batch_size, seed))
+    return config.run_settings(RunSpec("t", norm, depth, batch_size, seed))

@@ -23,6 +23,8 @@ from typing import Any
 
 import pandas as pd
 
+from normres.errors import UnsafeFileError
+
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -64,10 +66,6 @@ def save_torch(obj: Any, path: str | Path) -> Path:
     return Path(path)
 
 
-class UnsafeFileError(ValueError):
-    """A model or checkpoint file that cannot be loaded as plain tensors."""
-
-
 def load_torch(path: str | Path, what: str = "file") -> Any:
     """Load a torch file as weights only: code inside the file is never executed.
 
@@ -82,12 +80,24 @@ def load_torch(path: str | Path, what: str = "file") -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise UnsafeFileError(
-            f"refusing to load {what} {path}: it is not a plain weights file "
-            f"(it carries objects that would run code when unpickled: {str(exc).splitlines()[0]})"
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
-        raise UnsafeFileError(f"{what} {path} is truncated or not a torch file: {exc}") from None
+        if "Weights only load failed" in str(exc) and zipfile.is_zipfile(path):
+            raise UnsafeFileError(
+                f"refusing to load {what} {path}: it is not a plain weights file (it carries objects "
+                f"that would run code when unpickled: {_first_reason(exc)})"
+            ) from None
+        raise UnsafeFileError(f"{what} {path} is not a torch file written by normres ({_first_reason(exc)})") from None
+    except Exception as exc:  # text, truncated archives, other formats: torch raises many kinds
+        kind = "truncated or not a torch file" if zipfile.is_zipfile(path) else "not a torch file (no zip archive)"
+        raise UnsafeFileError(f"{what} {path} is {kind}: {type(exc).__name__}: {exc}") from None
+
+
+def _first_reason(exc: BaseException) -> str:
+    """The line of torch's long weights-only message that says what was refused."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in lines:
+        if line.startswith(("WeightsUnpickler error", "Unsupported", "GLOBAL")):
+            return line
+    return lines[0] if lines else type(exc).__name__
 
 
 def package_versions() -> dict[str, str]:
@@ -156,10 +166,15 @@ def read_json(path: str | Path) -> Mapping[str, Any]:
 
 @contextmanager
 def log_to(path: str | Path) -> Iterator[Any]:
-    """Send a workflow script's stdout, stderr and any traceback to its log file.
+    """Send a workflow script's stdout, stderr and any error to its log file.
 
-    Yields a ``log(message)`` function that writes a timestamped, flushed line.
+    Yields a ``log(message)`` function that writes a timestamped, flushed line. An error of the
+    user's input (:data:`normres.errors.USER_ERRORS`: a bad file, an unusable GPU) is one line
+    ``error: ...`` and exit status 1, which Snakemake reports with the log; anything else is a bug
+    and keeps its traceback.
     """
+    from normres.errors import USER_ERRORS
+
     import sys
     import time
     import traceback
@@ -175,6 +190,10 @@ def log_to(path: str | Path) -> Iterator[Any]:
 
         try:
             yield log
+        except USER_ERRORS as exc:
+            print(f"error: {exc}", file=fh, flush=True)
+            sys.stdout, sys.stderr = old
+            raise SystemExit(1) from None
         except BaseException:
             traceback.print_exc(file=fh)
             raise

@@ -1,13 +1,17 @@
-"""Figures of the study: training curves, feature percentiles, batch-size/depth effects, final accuracy,
-misclassified test images.
+"""Figures of the study: training curves, feature percentiles, small batches, batch-norm statistics,
+robustness, paired comparisons, depth effect, final accuracy, misclassified test images.
 
 Every plotting function takes DataFrames in the formats of ``docs/architecture.md`` (``histories.csv``,
 ``runs.csv``, ``summary.csv``, ``predictions.csv``) and returns a :class:`matplotlib.figure.Figure`.
 Figures are built without ``pyplot`` (Agg canvas, nothing registered globally), so this module is safe
 to use from Snakemake jobs and tests; :func:`save` writes them.
 
-A *condition* is ``(study, norm, depth, batch_size)``; lines are labelled by norm and get ``n=…``/``b=…``
-(and the study) only when those vary within the plotted data. Lines are the mean over seeds, with a
+The figures of a study are listed once, in :data:`normres.registry.FIGURES`; :func:`draw_figures` draws
+them from the aggregated :class:`Tables`. Norms are ordered and coloured by the registry (user layers
+after the built-in ones).
+
+A *condition* is ``(study, norm, depth, batch_size)``; lines are labelled by norm and get ``depth …``/
+``b=…`` (and the study) only when those vary within the plotted data; seed counts read ``(3 seeds)``. Lines are the mean over seeds, with a
 ±1 std band when there is more than one seed. Diverged runs (``status == "diverged"``; their history
 stops early) never enter a mean: they are drawn on their own and marked ``(diverged)``/``×``/hatched.
 """
@@ -18,6 +22,7 @@ import math
 import os
 import sys
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,23 +36,26 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from normres import registry as R  # noqa: E402
 from normres.io import atomic_path  # noqa: E402
-from normres.specs import figure_names  # noqa: E402  (re-exported: the rule outputs use it)
 
 __all__ = [
     "CONDITION",
-    "batch_size_effect",
     "curves",
     "depth_effect",
     "feature_percentiles",
-    "figure_names",
     "final_accuracy",
     "forest_plot",
     "misclassified_grid",
     "render_misclassified",
     "save",
     "select_misclassified",
-    "study_figures",
+    "Tables",
+    "bn_statistics",
+    "draw_figures",
+    "robustness_heatmap",
+    "robustness_severity",
+    "small_batch",
 ]
 
 CONDITION = ["study", "norm", "depth", "batch_size"]
@@ -56,20 +64,6 @@ CURVE_METRICS = ("loss", "accuracy")
 PERCENTILES = ("feat_p1", "feat_p20", "feat_p80", "feat_p99")
 DPI = 110
 
-# One colour per norm everywhere, in the order the norms are usually discussed.
-NORM_ORDER = ("torch_bn", "bn", "in", "bin", "ln", "gn", "nn")
-_PALETTE = (
-    "#1f77b4",
-    "#17becf",
-    "#ff7f0e",
-    "#d62728",
-    "#2ca02c",
-    "#9467bd",
-    "#7f7f7f",
-    "#8c564b",
-    "#e377c2",
-    "#bcbd22",
-)
 _LINESTYLES = ("-", "--", ":", "-.")
 _PERCENTILE_COLOURS = {
     "feat_p1": "#9ecae1",
@@ -77,7 +71,6 @@ _PERCENTILE_COLOURS = {
     "feat_p80": "#e6550d",
     "feat_p99": "#a63603",
 }
-_EMPTY_BATCH = "no norm was run at more than one batch size"
 _EMPTY_DEPTH = "no norm was run at more than one depth"
 _EMPTY_MISCLASSIFIED = "no misclassified test images"
 
@@ -92,15 +85,12 @@ def _text(value: Any) -> str:
 
 
 def _norm_rank(norm: str) -> tuple[int, str]:
-    return (NORM_ORDER.index(norm), "") if norm in NORM_ORDER else (len(NORM_ORDER), str(norm))
+    return R.norm_rank(str(norm))
 
 
 def _norm_colour(norm: str, extra: Sequence[str] = ()) -> str:
-    if norm in NORM_ORDER:
-        return _PALETTE[NORM_ORDER.index(norm)]
-    others = sorted(set(extra) - set(NORM_ORDER))
-    index = len(NORM_ORDER) + (others.index(norm) if norm in others else 0)
-    return _PALETTE[index % len(_PALETTE)]
+    """The registry's colour of ``norm``; layers outside it (user layers) by their order in ``extra``."""
+    return R.norm_colour(str(norm), [n for n in map(str, extra) if n not in R.NORMS])
 
 
 def _condition_sort_key(key: tuple) -> tuple:
@@ -124,7 +114,7 @@ def _varying(df: pd.DataFrame) -> set[str]:
 def _label(study: Any, norm: Any, depth: Any, batch_size: Any, varying: set[str]) -> str:
     parts = [str(norm)]
     if "depth" in varying:
-        parts.append(f"n={depth}")
+        parts.append(f"depth {depth}")
     if "batch_size" in varying:
         parts.append(f"b={batch_size}")
     label = " ".join(parts)
@@ -404,21 +394,6 @@ def _maybe_symlog(ax: Any, values: np.ndarray) -> None:
 # effect of batch size / depth on the final metric
 
 
-def batch_size_effect(runs: pd.DataFrame, metric: str = "test_accuracy") -> Figure:
-    """Final ``metric`` against batch size (log2 axis), one line per (norm, depth, study) run at two or
-    more batch sizes; error bars are the std over completed seeds, diverged runs are ``×``."""
-    return _effect(
-        runs,
-        metric,
-        x=lambda df: df["batch_size"].astype(float),
-        x_label="batch size",
-        line_keys=("study", "norm", "depth"),
-        title=f"Effect of batch size on {_metric_label(metric)}",
-        empty=_EMPTY_BATCH,
-        log2=True,
-    )
-
-
 def depth_effect(runs: pd.DataFrame, metric: str = "test_accuracy") -> Figure:
     """Final ``metric`` against the number of layers 6n+2 of the CIFAR ResNets (the MNIST ``cnn`` has no
     depth to vary and is skipped), one line per (norm, batch size, study) run at two or more depths."""
@@ -558,7 +533,8 @@ def final_accuracy(
         for _, row in rows:
             n_bad = bad_counts.get(tuple(row[c] for c in CONDITION), 0)
             label = _label(row["study"], row["norm"], row["depth"], row["batch_size"], varying)
-            label += f" (n={int(row['n']) if np.isfinite(row['n']) else 0})"
+            n_seeds = int(row["n"]) if np.isfinite(row["n"]) else 0
+            label += f" ({n_seeds} seed{'' if n_seeds == 1 else 's'})"
             if n_bad:
                 label += f" ({n_bad} diverged)"
             positions.append(y)
@@ -710,38 +686,6 @@ def save(fig: Figure, path: str | os.PathLike) -> Path:
     return path
 
 
-def study_figures(
-    histories: pd.DataFrame, runs: pd.DataFrame, summary: pd.DataFrame, out_dir: str | os.PathLike
-) -> dict[str, Path]:
-    """Render the standard set to ``out_dir/{name}.png`` (names from :func:`figure_names`): per study the
-    loss and accuracy curves and the feature percentiles; across studies the batch-size and depth effects
-    and the final accuracy. Returns name -> path."""
-    out_dir = Path(out_dir)
-    studies = sorted(runs["study"].astype(str).unique())
-    paths: dict[str, Path] = {}
-    for study in studies:  # each figure is saved (and freed) as soon as it is drawn
-        hist = histories[histories["study"].astype(str) == study]
-        study_runs = runs[runs["study"].astype(str) == study]
-        for name, fig in (
-            ("loss_curves", curves(hist, "loss", title=f"{study}: loss per epoch", runs=study_runs)),
-            (
-                "accuracy_curves",
-                curves(hist, "accuracy", title=f"{study}: accuracy per epoch", runs=study_runs),
-            ),
-            (
-                "feature_percentiles",
-                feature_percentiles(
-                    hist, title=f"{study}: percentiles of pooled validation features", runs=study_runs
-                ),
-            ),
-        ):
-            paths[f"{study}_{name}"] = save(fig, out_dir / f"{study}_{name}.png")
-    paths["batch_size_effect"] = save(batch_size_effect(runs), out_dir / "batch_size_effect.png")
-    paths["depth_effect"] = save(depth_effect(runs), out_dir / "depth_effect.png")
-    paths["final_accuracy"] = save(final_accuracy(summary, runs=runs), out_dir / "final_accuracy.png")
-    return paths
-
-
 # ---------------------------------------------------------------------------------------------------------
 # paired comparisons with the reference norm (normres.significance)
 
@@ -812,3 +756,256 @@ def forest_plot(comparisons: pd.DataFrame, study: str, title: str | None = None)
     fig.legend(handles=handles, loc="outside lower center", fontsize=8, ncols=2)
     fig.suptitle(_text(title))
     return fig
+
+
+# ---------------------------------------------------------------------------------------------------------
+# small batches (Wu & He 2018, Fig. 1)
+
+
+def _mean_ci(values: np.ndarray) -> tuple[float, float, float]:
+    from normres.aggregate import mean_ci
+
+    mean, _, lo, hi = mean_ci(values)
+    return mean, lo, hi
+
+
+def small_batch(runs: pd.DataFrame, title: str | None = None, metric: str = "test_accuracy") -> Figure:
+    """Test error (1 - ``metric``) against the training batch size on a log2 axis, one line per norm
+    (and depth, where several) run at two or more batch sizes: the mean over completed seeds with its
+    95% confidence band; diverged runs are ×."""
+    title = title or "Test error against batch size (mean over seeds, 95% CI)"
+    _require(runs, [*CONDITION, "seed", "status", metric], "runs")
+    data = _numeric(runs, [metric])
+    data["error"] = 1 - data[metric]
+    data["diverged"] = _diverged_mask(data).to_numpy()
+    lines = [(k, g) for k, g in data.groupby(["norm", "depth"], sort=False) if g["batch_size"].nunique() >= 2]
+    if not lines:
+        return _message_figure(title, "no norm was run at more than one batch size")
+    lines.sort(key=lambda kv: (_norm_rank(str(kv[0][0])), kv[0][1]))
+    plotted = pd.concat([g for _, g in lines])
+    varying = _varying(plotted) - {"batch_size", "study"}
+    norms = list(plotted["norm"].astype(str).unique())
+    styles = _linestyles(plotted, ("depth",))
+    fig = Figure(figsize=(8.6, 4.8), layout="constrained")
+    ax = fig.add_subplot()
+    bad: list[tuple[float, float, str]] = []
+    for (norm, depth), g in lines:
+        colour = _norm_colour(str(norm), norms)
+        stats = []
+        for b, gb in sorted(g.groupby("batch_size"), key=lambda kv: kv[0]):
+            ok = gb.loc[~gb["diverged"], "error"].dropna().to_numpy()
+            if ok.size:
+                stats.append((float(b), *_mean_ci(ok)))
+            bad += [(float(b), float(e), colour) for e in gb.loc[gb["diverged"], "error"]]
+        if not stats:
+            continue
+        x, mean, lo, hi = (np.array(v, dtype=float) for v in zip(*stats))
+        label = _label("", norm, depth, None, varying)
+        ax.plot(x, mean, color=colour, linestyle=styles[(depth,)], marker="o", markersize=4, linewidth=1.6, label=label)
+        if np.isfinite(lo).any():
+            ax.fill_between(x, lo, hi, color=colour, alpha=0.15, linewidth=0)
+    if bad:
+        _mark_diverged(ax, bad, markersize=9)
+        ax.plot([], [], marker="x", color="black", linestyle="none", markeredgewidth=2, label="diverged run")
+    sizes = np.sort(plotted["batch_size"].astype(float).unique())
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes, [f"{v:g}" for v in sizes])
+    ax.minorticks_off()
+    ax.set_xlabel("batch size (images per step)")
+    ax.set_ylabel(f"test error (1 − {_metric_label(metric)})")
+    ax.grid(alpha=0.3)
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside right upper", fontsize=8, title="norm", title_fontsize=9)
+    fig.suptitle(_text(title))
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------------------
+# batch norm's statistics (Wu & Johnson 2021)
+
+BN_STATISTICS = {"test_accuracy": "EMA (as trained)", "test_precise_accuracy": "PreciseBN",
+                 "test_batch_accuracy": "test-batch statistics"}  # fmt: skip
+
+
+def bn_statistics(runs: pd.DataFrame, title: str | None = None) -> Figure:
+    """Test accuracy of every condition whose layer keeps running statistics, with the three choices
+    of statistics side by side: mean over completed seeds and 95% CI."""
+    title = title or "Test accuracy under three choices of normalization statistics (mean, 95% CI)"
+    _require(runs, [*CONDITION, "seed", "status", *BN_STATISTICS], "runs")
+    data = _numeric(runs, list(BN_STATISTICS))
+    data = data[data["test_precise_accuracy"].notna() & ~_diverged_mask(data)]
+    if data.empty:
+        return _message_figure(title, "no completed run of a layer with running statistics")
+    groups = _conditions(data)
+    varying = _varying(data) - {"study"}
+    fig = Figure(figsize=(max(6.0, 1.4 * len(groups) + 2.5), 4.6), layout="constrained")
+    ax = fig.add_subplot()
+    width = 0.8 / len(BN_STATISTICS)
+    shades = ("#4c72b0", "#dd8452", "#55a868")
+    for k, (column, name) in enumerate(BN_STATISTICS.items()):
+        for i, ((study, norm, depth, batch_size), g) in enumerate(groups):
+            mean, lo, hi = _mean_ci(g[column].dropna().to_numpy())
+            err = np.nan_to_num(np.array([[mean - lo], [hi - mean]]))
+            ax.bar(i + (k - 1) * width, mean, width, yerr=err, color=shades[k], capsize=3,
+                   label=name if i == 0 else None)  # fmt: skip
+            ax.text(i + (k - 1) * width, mean + err[1, 0], f"{mean:.3f}", ha="center", va="bottom", fontsize=6, rotation=90)
+    labels = [_label(study, norm, depth, batch_size, varying) for (study, norm, depth, batch_size), _ in groups]
+    ax.set_xticks(range(len(groups)), labels, fontsize=8, rotation=20, ha="right")
+    lo = float(np.nanmin(data[list(BN_STATISTICS)].to_numpy()))
+    ax.set_ylim(max(0.0, lo - 0.1), 1.0)
+    ax.set_ylabel("test accuracy")
+    ax.grid(axis="y", alpha=0.3)
+    fig.legend(loc="outside lower center", fontsize=8, ncols=3)
+    fig.suptitle(_text(title))
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------------------
+# robustness under corruption (Hendrycks & Dietterich 2019; Schneider et al. 2020)
+
+
+def _robustness_rows(robustness: pd.DataFrame) -> pd.DataFrame:
+    data = _numeric(robustness, ["accuracy", "severity"])
+    data["adapted"] = data["adapted"].astype(str).str.lower().isin(["true", "1"])
+    return data[~_diverged_mask(data)]
+
+
+def robustness_severity(robustness: pd.DataFrame, title: str | None = None) -> Figure:
+    """Accuracy against corruption severity (0 = clean), averaged over corruptions and seeds, one line
+    per condition; dashed after test-time adaptation of the running statistics."""
+    title = title or "Accuracy under corruption (mean over corruptions and seeds)"
+    _require(robustness, [*CONDITION, "seed", "corruption", "severity", "adapted", "accuracy"], "robustness")
+    data = _robustness_rows(robustness)
+    if data.empty:
+        return _message_figure(title, "no robustness results of completed runs")
+    varying = _varying(data) - {"study"}
+    norms = list(data["norm"].astype(str).unique())
+    fig = Figure(figsize=(8.6, 4.8), layout="constrained")
+    ax = fig.add_subplot()
+    for (study, norm, depth, batch_size), g in _conditions(data):
+        colour = _norm_colour(str(norm), norms)
+        for adapted, ga in g.groupby("adapted"):
+            per_seed = ga.groupby(["seed", "severity"])["accuracy"].mean()  # over corruptions
+            curve = per_seed.groupby("severity").mean()
+            label = _label(study, norm, depth, batch_size, varying) + (" (adapted)" if adapted else "")
+            ax.plot(curve.index, curve.to_numpy(), color=colour, linestyle="--" if adapted else "-",
+                    marker="o", markersize=3.5, linewidth=1.5, label=label)  # fmt: skip
+    ax.set_xticks(sorted(data["severity"].unique()), ["clean" if v == 0 else f"{v:g}" for v in sorted(data["severity"].unique())])
+    ax.set_xlabel("severity")
+    ax.set_ylabel("test accuracy")
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right upper", fontsize=8, title="norm", title_fontsize=9,
+               ncols=_legend_columns(len(labels), per_column=18))  # fmt: skip
+    fig.suptitle(_text(title))
+    return fig
+
+
+def robustness_heatmap(robustness: pd.DataFrame, title: str | None = None) -> Figure:
+    """Accuracy per corruption (rows) and condition (columns), averaged over severities and seeds,
+    before adaptation, with a bottom row of the mean over corruptions."""
+    title = title or "Accuracy per corruption (mean over severities and seeds, before adaptation)"
+    _require(robustness, [*CONDITION, "seed", "corruption", "severity", "adapted", "accuracy"], "robustness")
+    data = _robustness_rows(robustness)
+    data = data[~data["adapted"] & (data["severity"] > 0)]
+    if data.empty:
+        return _message_figure(title, "no robustness results of completed runs")
+    varying = _varying(data) - {"study"}
+    groups = _conditions(data)
+    corruptions = list(dict.fromkeys(data["corruption"]))
+    table = np.array([[g.loc[g["corruption"] == c, "accuracy"].mean() for _, g in groups] for c in corruptions])
+    table = np.vstack([table, table.mean(0)])
+    rows = [*corruptions, "mean"]
+    fig = Figure(figsize=(1.0 * len(groups) + 3.2, 0.42 * len(rows) + 1.8), layout="constrained")
+    ax = fig.add_subplot()
+    image = ax.imshow(table, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    for r in range(table.shape[0]):
+        for c in range(table.shape[1]):
+            value = table[r, c]
+            ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                    color="black" if value > 0.6 else "white")  # fmt: skip
+    ax.set_xticks(range(len(groups)), [_label(*k, varying) for k, _ in groups], rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(rows)), [r.replace("_", " ") for r in rows], fontsize=8)
+    ax.axhline(len(rows) - 1.5, color="white", linewidth=2)
+    fig.colorbar(image, ax=ax, label="test accuracy", shrink=0.8)
+    fig.suptitle(_text(title))
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the study's figures, as the registry lists them
+
+
+@dataclass(frozen=True)
+class Tables:
+    """The aggregated tables every figure is drawn from (formats of ``docs/architecture.md``)."""
+
+    runs: pd.DataFrame
+    summary: pd.DataFrame
+    histories: pd.DataFrame
+    robustness: pd.DataFrame
+    comparisons: pd.DataFrame
+    norm_order: tuple[str, ...] = ()
+
+    @classmethod
+    def read(cls, paths: Any, norm_order: Sequence[str] = ()) -> Tables:
+        """From the files (``runs``, ``summary``, ``histories``, ``robustness``, ``comparisons``)."""
+        return cls(*(pd.read_csv(getattr(paths, name)) for name in ("runs", "summary", "histories",
+                                                                  "robustness", "comparisons")),
+                   tuple(norm_order))  # fmt: skip
+
+    def of(self, study: str) -> Tables:
+        """The same tables, restricted to one study."""
+        pick = lambda df: df[df["study"].astype(str) == study] if "study" in df.columns else df  # noqa: E731
+        return Tables(*(pick(df) for df in (self.runs, self.summary, self.histories, self.robustness,
+                                            self.comparisons)), self.norm_order)  # fmt: skip
+
+
+def loss_curves(t: Tables, study: str) -> Figure:
+    return curves(t.histories, "loss", title=f"{study}: loss per epoch", runs=t.runs)
+
+
+def accuracy_curves(t: Tables, study: str) -> Figure:
+    return curves(t.histories, "accuracy", title=f"{study}: accuracy per epoch", runs=t.runs)
+
+
+def feature_percentiles_of(t: Tables, study: str) -> Figure:
+    return feature_percentiles(t.histories, title=f"{study}: percentiles of pooled validation features", runs=t.runs)
+
+
+def small_batch_of(t: Tables, study: str) -> Figure:
+    return small_batch(t.runs, title=f"{study}: test error against batch size (mean over seeds, 95% CI)")
+
+
+def bn_statistics_of(t: Tables, study: str) -> Figure:
+    return bn_statistics(t.runs, title=f"{study}: test accuracy with EMA, PreciseBN and test-batch statistics")
+
+
+def robustness_severity_of(t: Tables, study: str) -> Figure:
+    return robustness_severity(t.robustness, title=f"{study}: accuracy under corruption against severity")
+
+
+def robustness_heatmap_of(t: Tables, study: str) -> Figure:
+    return robustness_heatmap(t.robustness, title=f"{study}: accuracy per corruption (mean over severities)")
+
+
+def comparisons_forest(t: Tables, study: str) -> Figure:
+    return forest_plot(t.comparisons, study)
+
+
+def depth_effect_of(t: Tables, study: None) -> Figure:
+    return depth_effect(t.runs)
+
+
+def final_accuracy_of(t: Tables, study: None) -> Figure:
+    return final_accuracy(t.summary, runs=t.runs)
+
+
+def draw_figures(tables: Tables, figures: Iterable[tuple[str, str | None, str | os.PathLike]]) -> dict[str, Path]:
+    """Draw and save each ``(figure name, study or None, path)`` with the registry's function; each
+    figure is saved (and freed) as soon as it is drawn. Returns path by figure key."""
+    written: dict[str, Path] = {}
+    for name, study, path in figures:
+        draw = R.load_object(R.FIGURES[name].draw)
+        fig = draw(tables.of(study) if study is not None else tables, study)
+        written[f"{study}_{name}" if study else name] = save(fig, path)
+    return written

@@ -1,8 +1,12 @@
 """The study's report: one self-contained HTML page (figures embedded as base64 PNG, inline CSS, no
-external references) with the setup, results tables, figures and provenance.
+external references) with the setup, the layers, results tables, the four analyses (small batches,
+batch norm's statistics, robustness, significance), the published numbers beside the measured ones,
+figures and provenance.
 
 The page is rendered from ``templates/report.html`` with jinja2 (autoescape on, undefined names are
-errors) and written atomically.
+errors) and written atomically. Figure captions are the files of :mod:`normres.captions`, which
+Snakemake's own report shows too. ``pending`` lists runs that have not finished, for a partial
+report of a study still running (``normres report --partial``).
 """
 
 from __future__ import annotations
@@ -20,10 +24,11 @@ from typing import Any
 import jinja2
 import pandas as pd
 
-from normres.io import atomic_path
-from normres.plots import NORM_ORDER
+from normres import registry as R
+from normres.captions import caption_text
+from normres.io import atomic_path, read_json
 
-__all__ = ["build_report", "collect_provenance", "figure_caption"]
+__all__ = ["build_report", "collect_provenance", "figure_caption", "report_from_files"]
 
 TEMPLATES = Path(__file__).parent / "templates"
 CONDITION_KEYS = ("study", "dataset", "model", "norm", "depth", "batch_size")
@@ -45,20 +50,6 @@ RUN_COLUMNS = (
     "test_macro_f1",
     "test_loss",
 )
-_CAPTIONS = {
-    "loss_curves": "Training-time loss per epoch on the validation (and, where evaluated, test) split. "
-    "Lines: mean over completed seeds; band: ±1 std; diverged runs are drawn per seed and end in ×.",
-    "accuracy_curves": "Accuracy per epoch on the validation (and, where evaluated, test) split. "
-    "Lines: mean over completed seeds; band: ±1 std; diverged runs are drawn per seed and end in ×.",
-    "feature_percentiles": "1st, 20th, 80th and 99th percentiles of the pooled features of the validation "
-    "split per epoch (mean over completed seeds); each panel has its own y-scale.",
-    "batch_size_effect": "Final test accuracy against batch size for every norm run at two or more batch "
-    "sizes; error bars: std over completed seeds; × marks a diverged run.",
-    "depth_effect": "Final test accuracy against the number of ResNet layers (6n + 2) for every norm run at "
-    "two or more depths; error bars: std over completed seeds; × marks a diverged run.",
-    "final_accuracy": "Final test accuracy per condition: mean over seeds with its 95% confidence interval, "
-    "grouped by study; hatched bars had diverged seeds.",
-}
 _MISCLASSIFIED = re.compile(r"misclassified", re.IGNORECASE)
 
 
@@ -159,7 +150,7 @@ def _cell(value: Any) -> str:
 
 
 def _norm_rank(norm: str) -> tuple[int, str]:
-    return (NORM_ORDER.index(norm), "") if norm in NORM_ORDER else (len(NORM_ORDER), norm)
+    return R.norm_rank(str(norm))
 
 
 def _sort_conditions(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
@@ -238,17 +229,16 @@ def _setup_tables(setup: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def figure_caption(name: str) -> str:
-    """Default caption for a figure from :func:`normres.plots.study_figures` or a misclassified grid."""
-    for suffix, caption in _CAPTIONS.items():
-        if name == suffix:
-            return caption
-        if name.endswith(f"_{suffix}"):
-            return f"Study {name.removesuffix(f'_{suffix}')}. {caption}"
+    """The caption of figure ``name`` (``{study}_{figure}``, a figure of all studies, or a
+    misclassified grid ``misclassified/{study}/...``): the registry's caption file as plain text."""
     if _MISCLASSIFIED.search(name):
         run = _MISCLASSIFIED.sub("", name).strip("_-/ ") or name
-        return (
-            f"The 10 test images misclassified with the highest confidence ({run}): true and predicted class."
-        )
+        return f"{run}: {caption_text('misclassified.rst')}"
+    for figure in sorted(R.FIGURES.values(), key=lambda f: -len(f.name)):
+        if name == figure.name:
+            return caption_text(figure.caption)
+        if name.endswith(f"_{figure.name}"):
+            return f"Study {name.removesuffix(f'_{figure.name}')}. {caption_text(figure.caption)}"
     return name
 
 
@@ -317,6 +307,142 @@ def _provenance_view(provenance: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+# ---------------------------------------------------------------------------------------------------------
+# the analyses
+
+
+def _mean_ci(values: Any) -> tuple[float, float, float, int]:
+    from normres.aggregate import mean_ci
+
+    values = pd.to_numeric(pd.Series(values), errors="coerce").dropna().to_numpy(dtype=float)
+    mean, _, lo, hi = mean_ci(values)
+    return mean, lo, hi, len(values)
+
+
+def _completed(runs: pd.DataFrame) -> pd.DataFrame:
+    return runs[runs["status"].astype(str) == "completed"]
+
+
+def _layers_table(norms: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    return [{"name": name, **info} for name, info in sorted(norms.items(), key=lambda kv: _norm_rank(kv[0]))]
+
+
+def _published_table(runs: pd.DataFrame, setup: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Published test accuracy beside the measured mean and 95% CI, for studies naming a protocol."""
+    from normres.config import protocols
+
+    rows = []
+    done = _completed(runs)
+    for study, settings in setup.items():
+        name = settings.get("protocol") if isinstance(settings, Mapping) else None
+        if not name:
+            continue
+        protocol = protocols()[name]
+        for result in protocol["results"]:
+            mine = done[(done["study"].astype(str) == study) & (done["norm"].astype(str) == result["norm"])
+                        & (done["depth"] == result["depth"]) & (done["batch_size"] == result["batch_size"])]  # fmt: skip
+            if mine.empty:
+                continue
+            mean, lo, hi, n = _mean_ci(mine["test_accuracy"])
+            published = float(result["test_accuracy"])
+            if n < 2:
+                verdict = "1 seed: no confidence interval"
+            elif lo <= published <= hi:
+                verdict = "inside the 95% CI"
+            else:
+                verdict = f"{'above' if published > hi else 'below'} the 95% CI"
+            rows.append({"study": study, "protocol": protocol["title"], "source": " ".join(protocol["source"].split()),
+                         "norm": result["norm"], "depth": result["depth"], "batch_size": result["batch_size"],
+                         "published": f"{published:.4f}", "measured": _fmt(mean), "ci": f"[{_fmt(lo)}, {_fmt(hi)}]",
+                         "n": n, "verdict": verdict, "inside": verdict.startswith("inside")})  # fmt: skip
+    return rows
+
+
+def _small_batch_tables(runs: pd.DataFrame) -> list[dict[str, Any]]:
+    """Per study with a batch-size sweep: test error at each batch size, per norm and depth."""
+    tables = []
+    done = _completed(runs)
+    for study, group in done.groupby("study", sort=True):
+        lines = [(k, g) for k, g in group.groupby(["norm", "depth"]) if g["batch_size"].nunique() >= 2]
+        if not lines:
+            continue
+        sizes = sorted({int(b) for _, g in lines for b in g["batch_size"]})
+        rows = []
+        for (norm, depth), g in sorted(lines, key=lambda kv: (_norm_rank(kv[0][0]), kv[0][1])):
+            cells = []
+            for b in sizes:
+                mean, lo, hi, n = _mean_ci(1 - g.loc[g["batch_size"] == b, "test_accuracy"])
+                cells.append("–" if n == 0 else f"{_fmt(mean, 3)}" + (f" [{_fmt(lo, 3)}, {_fmt(hi, 3)}]" if n > 1 else ""))
+            rows.append({"norm": norm, "depth": depth, "cells": cells})
+        tables.append({"study": study, "sizes": sizes, "rows": rows})
+    return tables
+
+
+def _bn_statistics_view(runs: pd.DataFrame) -> dict[str, Any]:
+    """EMA, PreciseBN and test-batch accuracy per condition, with the size of the EMA-vs-precise gap."""
+    if "test_precise_accuracy" not in runs.columns:
+        return {"rows": [], "sentence": ""}
+    done = _completed(runs)
+    done = done[pd.to_numeric(done["test_precise_accuracy"], errors="coerce").notna()]
+    rows = []
+    keys = ["study", "norm", "depth", "batch_size"]
+    for key, g in sorted(done.groupby(keys), key=lambda kv: (kv[0][0], _norm_rank(kv[0][1]), kv[0][2], kv[0][3])):
+        ema, precise, batch = (_mean_ci(g[c]) for c in ("test_accuracy", "test_precise_accuracy", "test_batch_accuracy"))
+        gap = _mean_ci(g["test_precise_accuracy"] - g["test_accuracy"])
+        rows.append({**dict(zip(keys, key)), "n": ema[3], "ema": _fmt(ema[0]), "precise": _fmt(precise[0]),
+                     "batch": _fmt(batch[0]), "gap": f"{gap[0]:+.4f}",
+                     "gap_ci": f"[{gap[1]:+.4f}, {gap[2]:+.4f}]" if gap[3] > 1 else "–", "_gap": gap[0]})  # fmt: skip
+    sentence = ""
+    if rows:
+        biggest = max(rows, key=lambda r: abs(r["_gap"]))
+        sentence = (
+            f"PreciseBN changes test accuracy by {min(abs(r['_gap']) for r in rows):.4f} to "
+            f"{abs(biggest['_gap']):.4f} against the EMA statistics the model was trained with; the largest "
+            f"gap is {biggest['gap']} for {biggest['norm']} (study {biggest['study']}, depth {biggest['depth']}, "
+            f"batch {biggest['batch_size']}). A positive gap means the moving averages lagged behind the weights."
+        )
+    return {"rows": rows, "sentence": sentence}
+
+
+def _robustness_view(runs: pd.DataFrame, robustness: pd.DataFrame | None) -> dict[str, Any]:
+    """Clean, corrupted and adapted accuracy per condition (means over seeds)."""
+    if robustness is None or robustness.empty:
+        return {"rows": [], "sentence": ""}
+    data = robustness[robustness["status"].astype(str) == "completed"].copy()
+    data["adapted"] = data["adapted"].astype(str).str.lower().isin(["true", "1"])
+    rows = []
+    keys = ["study", "norm", "depth", "batch_size"]
+    for key, g in sorted(data.groupby(keys), key=lambda kv: (kv[0][0], _norm_rank(kv[0][1]), kv[0][2], kv[0][3])):
+        clean = g[(g["corruption"] == "clean") & ~g["adapted"]]["accuracy"].mean()
+        corrupted = g[(g["corruption"] != "clean") & ~g["adapted"]]["accuracy"].mean()
+        adapted = g[(g["corruption"] != "clean") & g["adapted"]]["accuracy"]
+        rows.append({**dict(zip(keys, key)), "clean": _fmt(clean), "corrupted": _fmt(corrupted),
+                     "error": _fmt(1 - corrupted), "adapted": _fmt(adapted.mean()) if len(adapted) else "left as trained",
+                     "gain": f"{adapted.mean() - corrupted:+.4f}" if len(adapted) else "–"})  # fmt: skip
+    best = max(rows, key=lambda r: float(r["corrupted"]))
+    sentence = (
+        f"Highest mean corruption accuracy: {best['norm']} ({best['corrupted']}, study {best['study']}). "
+        "Layers without running statistics (group, layer, instance norm, FRN, none) have nothing to re-estimate "
+        "and are evaluated as trained."
+    )
+    return {"rows": rows, "sentence": sentence}
+
+
+def _comparisons_view(comparisons: pd.DataFrame | None) -> dict[str, Any]:
+    from normres.significance import describe
+
+    if comparisons is None or comparisons.empty:
+        return {"rows": [], "sentences": []}
+    rows = []
+    for _, r in comparisons.iterrows():
+        rows.append({"study": r["study"], "depth": r["depth"], "batch_size": r["batch_size"], "norm": r["norm"],
+                     "reference": r["reference"], "n": _cell(r["n_pairs"]), "diff": _fmt(r["mean_diff"]),
+                     "ci": f"[{_fmt(r['ci95_low'])}, {_fmt(r['ci95_high'])}]", "p": _fmt(r["p_value"]),
+                     "p_holm": _fmt(r["p_holm"]), "significant": bool(r["significant"]) if pd.notna(r["significant"]) else False,
+                     "note": r["note"] if isinstance(r["note"], str) else ""})  # fmt: skip
+    return {"rows": rows, "sentences": describe(comparisons)}
+
+
 def build_report(
     runs: pd.DataFrame,
     summary: pd.DataFrame,
@@ -326,13 +452,18 @@ def build_report(
     out: str | os.PathLike,
     title: str = "normres: normalization layers in CNNs",
     captions: Mapping[str, str] | None = None,
+    comparisons: pd.DataFrame | None = None,
+    robustness: pd.DataFrame | None = None,
+    norms: Mapping[str, Mapping[str, Any]] | None = None,
+    pending: list[str] | None = None,
 ) -> Path:
     """Render the report to ``out`` (written atomically) and return its path.
 
-    ``runs``/``summary``: runs.csv / summary.csv frames; ``figures``: name -> PNG path (names containing
-    'misclassified' are grouped; captions from :func:`figure_caption` unless given in ``captions``);
-    ``provenance``: :func:`collect_provenance` output, extra keys are listed as they are; ``setup``:
-    ``{study: {setting: value}}``.
+    ``runs``/``summary``/``comparisons``/``robustness``: the aggregated tables; ``figures``: name -> PNG
+    path (names containing 'misclassified' are grouped; captions from :func:`figure_caption` unless
+    given in ``captions``); ``provenance``: :func:`collect_provenance` output, extra keys are listed as
+    they are; ``setup``: ``{study: {setting: value}}``; ``norms``: name -> registry description of the
+    layers used; ``pending``: runs not finished yet (a partial report lists them).
     """
     out = Path(out)
     main, grids = _figures({k: Path(v) for k, v in figures.items()}, captions or {})
@@ -346,10 +477,17 @@ def build_report(
             n_diverged=n_diverged,
             studies=sorted(runs["study"].astype(str).unique()) if "study" in runs.columns else [],
             setup=_setup_tables(setup),
+            layers=_layers_table(norms or {}),
             summary=_summary_table(summary, runs),
+            published=_published_table(runs, setup),
+            small_batch=_small_batch_tables(runs),
+            bn_statistics=_bn_statistics_view(runs),
+            robustness=_robustness_view(runs, robustness),
+            comparisons=_comparisons_view(comparisons),
             runs=_runs_table(runs),
             figures=main,
             grids=grids,
+            pending=pending or [],
             provenance=_provenance_view(provenance),
             provenance_json=json.dumps(provenance, indent=1, sort_keys=True, default=str),
         )
@@ -357,3 +495,35 @@ def build_report(
     with atomic_path(out) as tmp:
         tmp.write_text(html, encoding="utf-8")
     return out
+
+
+def report_from_files(
+    runs: str | os.PathLike,
+    summary: str | os.PathLike,
+    comparisons: str | os.PathLike,
+    records: Iterable[str | os.PathLike],
+    figures: Iterable[str | os.PathLike],
+    config: Mapping[str, Any],
+    norms: Mapping[str, Mapping[str, Any]],
+    out: str | os.PathLike,
+    figures_root: str | os.PathLike = "results/figures",
+    pending: list[str] | None = None,
+    title: str = "normres: normalization layers in CNNs",
+) -> Path:
+    """:func:`build_report` from the aggregated files of a results folder (the workflow's report rule,
+    and ``normres report``)."""
+    root = Path(figures_root)
+    robustness_csv = Path(runs).parent / "robustness.csv"
+    return build_report(
+        runs=pd.read_csv(runs),
+        summary=pd.read_csv(summary),
+        comparisons=pd.read_csv(comparisons),
+        robustness=pd.read_csv(robustness_csv) if robustness_csv.exists() else None,
+        figures={Path(p).relative_to(root).with_suffix("").as_posix(): p for p in figures},
+        provenance=collect_provenance([read_json(p) for p in records]),
+        setup=config["studies"],
+        norms=norms,
+        out=out,
+        pending=pending,
+        title=title,
+    )

@@ -1,16 +1,22 @@
 """Training one run of the study: seeded, resumable, writing model, history and run record.
 
-Skeleton after torchvision's reference ``train.py``: :func:`train_one_epoch`, :func:`evaluate`,
-:func:`train_run`. The data stay uint8 tensors on the training device for the whole run; every epoch
-draws its batch order and augmentation from a generator seeded by (seed, epoch), so an epoch is the
-same whether the run started fresh or resumed from a checkpoint.
+Skeleton after torchvision's reference ``train.py``: :func:`train_one_epoch` and :func:`train_run`
+(evaluation is :mod:`normres.evaluate`, model files :mod:`normres.models`). The data stay uint8
+tensors on the training device for the whole run; every epoch draws its batch order and augmentation
+from a generator seeded by (seed, epoch), so an epoch is the same whether the run started fresh or
+resumed from a checkpoint.
+
+The loop keeps its per-step overhead small, which matters at small batch sizes (a batch-2 step of
+ResNet-14 is a few milliseconds of arithmetic): the optimizer updates all parameters in one
+multi-tensor call, batch-instance gates are collected once, and the loss is checked on the host
+only every :func:`divergence_check_interval` steps.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,60 +27,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from normres import data as D
-from normres.io import (
-    git_commit,
-    hardware,
-    load_torch,
-    package_versions,
-    save_torch,
-    write_csv,
-    write_json,
-)
-from normres.models import build_model, count_parameters, feature_quantiles
+from normres import registry as R
+from normres.augment import Augmentation
+from normres.columns import HISTORY_COLUMNS
+from normres.config import OptimizerSettings, RunSettings, ScheduleSettings
+from normres.datasets import RunData, batches, load_run_data
+from normres.device import autocast, configure_torch, select_device, synchronize
+from normres.evaluate import evaluate
+from normres.io import git_commit, hardware, load_torch, package_versions, save_torch, write_csv, write_json
+from normres.models import build_model, count_parameters, save_model
 from normres.norms import clamp_gates_, gate_parameters
 
-MODEL_FORMAT = "normres-model/1"
-CHECKPOINT_FORMAT = "normres-checkpoint/1"
-HISTORY_COLUMNS = [
-    "epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "test_loss",
-    "test_accuracy", "feat_p1", "feat_p20", "feat_p80", "feat_p99", "seconds", "images_per_s",
-]  # fmt: skip
+CHECKPOINT_FORMAT = "normres-checkpoint/2"
+
 
 
 class Diverged(RuntimeError):
-    """The training loss became NaN or infinite."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Device, threads, determinism
-
-
-def select_device(requested: str | None = None) -> torch.device:
-    """CUDA when available (or when asked for), else CPU."""
-    if requested:
-        return torch.device(requested)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def configure_torch(threads: int, deterministic: bool = True, compiling: bool = False) -> None:
-    """Follow the job's thread allowance exactly, and make results reproducible.
-
-    ``torch.use_deterministic_algorithms`` also sets a flag of torch's compiler, and importing the
-    compiler to do so costs a job ~4 s and ~150 MB of memory; without ``torch.compile`` only
-    ATen's flag matters, so that one is set directly.
-
-    Deterministic mode also fills every new tensor with NaN by default, a debugging aid against
-    reading uninitialised memory that changes no result; it cost 10% of a ResNet-14 train step
-    here (30 ms of ``fill_`` a step), so it is turned off.
-    """
-    torch.set_num_threads(max(1, int(threads)))
-    set_aten_flag = getattr(torch._C, "_set_deterministic_algorithms", None)
-    if compiling or set_aten_flag is None:
-        torch.use_deterministic_algorithms(deterministic, warn_only=True)
-    else:
-        set_aten_flag(deterministic, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = False
+    """The training loss became NaN or infinite (the model was put back to its last finite state)."""
 
 
 def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
@@ -92,47 +61,47 @@ def divergence_check_interval(device: torch.device) -> int:
     return 32 if device.type == "cuda" else 1
 
 
-def eval_batch_size(device: torch.device) -> int:
-    """Images per evaluation batch. On CPUs batches of ~128 keep feature maps in cache: batches
-    of 1000 evaluate at half the speed and add 0.5 GB to a CIFAR job's peak memory. GPUs want
-    large batches."""
-    return 1000 if device.type == "cuda" else 128
+def cross_entropy(logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
+    """Cross-entropy of float32 ``logits`` (N, K). On CUDA written as logsumexp minus the gathered
+    logit: torch's CUDA ``nll_loss`` has no deterministic implementation."""
+    if logits.device.type != "cuda":
+        return F.cross_entropy(logits, labels, reduction=reduction)
+    per_sample = torch.logsumexp(logits, 1) - logits.gather(1, labels[:, None]).squeeze(1)  # (N,)
+    return per_sample.mean() if reduction == "mean" else per_sample.sum()
 
 
 # ---------------------------------------------------------------------------------------------
 # Optimisation
 
 
-def lr_at(epoch: int, base_lr: float, schedule: Mapping[str, Any], epochs: int) -> float:
+def lr_at(epoch: int, base_lr: float, schedule: ScheduleSettings, epochs: int) -> float:
     """Learning rate of 0-based ``epoch``: multistep (x gamma after each milestone), cosine, constant."""
-    name = schedule.get("name", "multistep")
-    if name == "constant":
+    if schedule.name == "constant":
         return base_lr
-    if name == "multistep":
-        passed = sum(1 for m in schedule.get("milestones", []) if epoch >= m)
-        return base_lr * schedule.get("gamma", 0.1) ** passed
-    if name == "cosine":
+    if schedule.name == "multistep":
+        return base_lr * schedule.gamma ** sum(1 for m in schedule.milestones if epoch >= m)
+    if schedule.name == "cosine":
         return 0.5 * base_lr * (1 + math.cos(math.pi * epoch / epochs))
-    raise ValueError(f"unknown schedule '{name}' (choose from: constant, cosine, multistep)")
+    raise ValueError(f"unknown schedule {schedule.name!r} (choose from: constant, cosine, multistep)")
 
 
-def make_optimizer(model: nn.Module, opt: Mapping[str, Any]) -> torch.optim.Optimizer:
-    """SGD/Adam with batch-instance gates in their own group: lr x gate_lr_mult, no weight decay."""
-    gates = {id(p) for p in gate_parameters(model)}
-    rest = [p for p in model.parameters() if id(p) not in gates]
-    groups = [{"params": rest, "lr_mult": 1.0, "weight_decay": opt.get("weight_decay", 0.0)}]
+def make_optimizer(model: nn.Module, opt: OptimizerSettings) -> torch.optim.Optimizer:
+    """SGD/Adam with batch-instance gates in their own group: lr x gate_lr_mult, no weight decay.
+
+    The multi-tensor (``foreach``) implementation updates every parameter in a few calls instead
+    of a Python loop over them: at batch 2 the loop was a tenth of a CPU step.
+    """
+    gates = gate_parameters(model)
+    ids = {id(p) for p in gates}
+    groups = [{"params": [p for p in model.parameters() if id(p) not in ids], "lr_mult": 1.0,
+               "weight_decay": opt.weight_decay}]  # fmt: skip
     if gates:
-        groups.append(
-            {"params": list(gate_parameters(model)), "lr_mult": opt.get("gate_lr_mult", 1.0), "weight_decay": 0.0}
-        )
-    name = opt.get("name", "sgd")
-    if name == "sgd":
-        return torch.optim.SGD(
-            groups, lr=opt["lr"], momentum=opt.get("momentum", 0.9), nesterov=opt.get("nesterov", False)
-        )
-    if name == "adam":
-        return torch.optim.Adam(groups, lr=opt["lr"])
-    raise ValueError(f"unknown optimizer '{name}' (choose from: adam, sgd)")
+        groups.append({"params": gates, "lr_mult": opt.gate_lr_mult, "weight_decay": 0.0})
+    if opt.name == "sgd":
+        return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum, nesterov=opt.nesterov, foreach=True)
+    if opt.name == "adam":
+        return torch.optim.Adam(groups, lr=opt.lr, foreach=True)
+    raise ValueError(f"unknown optimizer {opt.name!r} (choose from: adam, sgd)")
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -144,27 +113,23 @@ def l1_penalty(model: nn.Module) -> Tensor:
     return sum(p.abs().sum() for p in model.parameters())  # type: ignore[return-value]
 
 
-def autocast(device: torch.device, bf16: bool) -> torch.autocast:
-    """bfloat16 autocast when asked for on CUDA; a no-op context elsewhere."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
-
-
-def compile_model(
-    model: nn.Module, example: Tensor, labels: Tensor, bf16: bool = False
-) -> tuple[Callable[[Tensor], Tensor], float]:
+def compile_model(model: nn.Module, example: Tensor, labels: Tensor, bf16: bool = False) -> tuple[Callable[[Tensor], Tensor], float]:
     """``torch.compile(model)``, with its forward and backward compiled now on one training batch.
 
-    Returns the compiled callable and the seconds compilation took, so that epoch timings measure
-    training alone. The warm-up step leaves the model as it found it: parameters, gradients and
-    running statistics are restored. (A last, smaller batch of an epoch still recompiles once.)
+    Returns the compiled callable and the seconds compilation took (the device synchronised, so
+    that no queued kernel of the warm-up counts in epoch 1). The warm-up step leaves the model as
+    it found it: parameters, gradients and running statistics are restored. (A last, smaller batch
+    of an epoch still recompiles once.)
     """
     state = {k: v.clone() for k, v in model.state_dict().items()}
     step = torch.compile(model)
+    synchronize(example.device)
     t0 = time.perf_counter()
     model.train()
     with autocast(example.device, bf16):
         logits = step(example)
-    F.cross_entropy(logits.float(), labels).backward()
+    cross_entropy(logits.float(), labels).backward()
+    synchronize(example.device)
     seconds = time.perf_counter() - t0
     model.zero_grad(set_to_none=True)
     model.load_state_dict(state)
@@ -172,7 +137,27 @@ def compile_model(
 
 
 # ---------------------------------------------------------------------------------------------
-# One epoch, one evaluation
+# One epoch
+
+
+class _LastFinite:
+    """A copy of the model's parameters and buffers, taken whenever the losses so far were finite:
+    a diverging run is put back to it, so that no NaN/inf update survives into the saved model
+    (on a GPU up to ``check_every - 1`` updates happen between two checks)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.live = [t for t in model.state_dict(keep_vars=True).values() if t.is_floating_point()]
+        self.copy = [t.detach().clone() for t in self.live]
+        self.step = 0
+
+    @torch.no_grad()
+    def take(self, step: int) -> None:
+        torch._foreach_copy_(self.copy, [t.detach() for t in self.live])
+        self.step = step
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        torch._foreach_copy_([t.detach() for t in self.live], self.copy)
 
 
 @dataclass
@@ -196,193 +181,74 @@ def train_one_epoch(
     bf16: bool = False,
     check_every: int | None = None,
 ) -> EpochStats:
-    """One pass over (x uint8, y); raises :class:`Diverged` on a non-finite loss.
+    """One pass over (x uint8, y); raises :class:`Diverged` on a non-finite loss, with the model
+    put back to its state at the last check whose losses were all finite.
 
     The loss is checked every ``check_every`` steps (default: :func:`divergence_check_interval`)
     and after the last one; a bad loss between checks is remembered on the device.
     """
     model.train()
     forward = model if step is None else step  # (a compiled module refuses bool())
-    check_every = check_every or divergence_check_interval(x.device)
+    device = x.device
+    check_every = check_every or divergence_check_interval(device)
+    gates = gate_parameters(model)
+    last_finite = _LastFinite(model)
     t0 = time.perf_counter()
-    loss_sum = torch.zeros((), device=x.device)
-    correct = torch.zeros((), device=x.device, dtype=torch.long)
-    finite = torch.ones((), device=x.device, dtype=torch.bool)  # every loss so far
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    finite = torch.ones((), device=device, dtype=torch.bool)  # every loss since the last check
     seen = 0
-    for i, idx in enumerate(D.batches(len(x), batch_size, generator, shuffle=True)):
+    for i, idx in enumerate(batches(len(x), batch_size, generator, shuffle=True)):
         xb = augment(x[idx], generator)  # (B, C, H, W) float32, normalised
         yb = y[idx]
-        with autocast(x.device, bf16):
+        with autocast(device, bf16):
             logits = forward(xb)
-            loss = F.cross_entropy(logits.float(), yb)
-        objective = loss + l1 * l1_penalty(model) if l1 else loss
+        loss = cross_entropy(logits.float(), yb)
         finite &= torch.isfinite(loss)
-        if (i + 1) % check_every == 0 and not finite:
-            raise Diverged(f"training loss became non-finite (last: {loss.item()}) by image {seen + len(idx)}")
+        if (i + 1) % check_every == 0:
+            if not finite:
+                last_finite.restore()
+                raise Diverged(f"training loss became non-finite by image {seen + len(idx)} "
+                               f"(weights restored to step {last_finite.step})")  # fmt: skip
+            last_finite.take(i)
+        objective = loss + l1 * l1_penalty(model) if l1 else loss
         optimizer.zero_grad(set_to_none=True)
         objective.backward()
         optimizer.step()
-        clamp_gates_(model)
+        if gates:
+            clamp_gates_(gates)
         loss_sum += loss.detach() * len(idx)
         correct += (logits.argmax(1) == yb).sum()
         seen += len(idx)
     if not finite:  # waits for the device: the epoch's timing includes its queued work
-        raise Diverged(f"training loss became non-finite (last: {loss.item()}) by image {seen}")
-    return EpochStats(loss_sum.item() / seen, correct.item() / seen, seen, time.perf_counter() - t0)
-
-
-@dataclass
-class EvalResult:
-    loss: float
-    accuracy: float
-    predictions: Tensor  # (N,) int64
-    confidence: Tensor  # (N,) float32, softmax probability of the prediction
-    feature_quantiles: list[float] | None = None
-
-
-@torch.inference_mode()
-def evaluate(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    normalize: Callable[[Tensor], Tensor],
-    with_features: bool = False,
-    batch_size: int | None = None,
-) -> EvalResult:
-    """Loss, accuracy and predictions of ``model`` on uint8 images ``x`` in eval mode."""
-    model.eval()
-    batch_size = batch_size or eval_batch_size(x.device)
-    losses, preds, confs, feats = [], [], [], []
-    for start in range(0, len(x), batch_size):
-        xb = normalize(x[start : start + batch_size])
-        f = model.features(xb)  # (B, F)
-        logits = model.head(f).float()
-        losses.append(F.cross_entropy(logits, y[start : start + batch_size], reduction="sum"))
-        prob = logits.softmax(1)
-        conf, pred = prob.max(1)
-        preds.append(pred)
-        confs.append(conf)
-        if with_features:
-            feats.append(f.float())
-    n = max(len(x), 1)
-    pred = torch.cat(preds).cpu()
-    return EvalResult(
-        loss=torch.stack(losses).sum().item() / n,
-        accuracy=(pred == y.cpu()).float().mean().item(),
-        predictions=pred,
-        confidence=torch.cat(confs).float().cpu(),
-        feature_quantiles=feature_quantiles(torch.cat(feats)) if with_features else None,
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# Data for one run
-
-
-@dataclass
-class RunData:
-    train_x: Tensor
-    train_y: Tensor
-    val_x: Tensor
-    val_y: Tensor
-    test_x: Tensor
-    test_y: Tensor
-    classes: list[str]
-    spec: D.DatasetSpec
-
-    def normalize(self, x: Tensor) -> Tensor:
-        return D.normalize(x, self.spec.mean, self.spec.std)
-
-
-def load_run_data(data_path: str | Path, settings: Mapping[str, Any], device: torch.device) -> RunData:
-    """The prepared dataset split as the run's settings say, moved to ``device`` once."""
-    prepared = D.load_prepared(Path(data_path))
-    if prepared.name != settings["dataset"]:
-        raise ValueError(
-            f"{data_path} holds dataset '{prepared.name}', but the run asks for '{settings['dataset']}'"
-        )
-    train_idx, val_idx = D.split_indices(
-        len(prepared.train_y), settings["val_size"], settings["split_seed"], subset=settings.get("train_subset")
-    )
-    n_test = settings.get("test_subset") or len(prepared.test_y)
-    if n_test > len(prepared.test_y):
-        raise ValueError(
-            f"test_subset {n_test} exceeds the {len(prepared.test_y)} test images of {prepared.name} ({data_path})"
-        )
-    return RunData(
-        train_x=prepared.train_x[train_idx].to(device),
-        train_y=prepared.train_y[train_idx].to(device),
-        val_x=prepared.train_x[val_idx].to(device),
-        val_y=prepared.train_y[val_idx].to(device),
-        test_x=prepared.test_x[:n_test].to(device),
-        test_y=prepared.test_y[:n_test].to(device),
-        classes=list(prepared.classes),
-        spec=D.DATASETS[settings["dataset"]],
-    )
-
-
-def model_for(settings: Mapping[str, Any], spec: D.DatasetSpec) -> nn.Module:
-    return build_model(
-        settings["model"], settings["norm"], settings["depth"], spec.channels, spec.num_classes,
-        settings.get("norm_options", {}),
-    )  # fmt: skip
-
-
-# ---------------------------------------------------------------------------------------------
-# Model files
-
-
-def save_model(model: nn.Module, settings: Mapping[str, Any], classes: list[str], path: str | Path) -> Path:
-    """Weights plus everything needed to rebuild the model; loadable with ``weights_only=True``."""
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return save_torch(
-        {
-            "format": MODEL_FORMAT,
-            "model": model.config.to_dict(),
-            "dataset": settings["dataset"],
-            "classes": list(classes),
-            "state_dict": state,
-        },
-        path,
-    )
-
-
-def load_model(path: str | Path, expect: Mapping[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a model from a normres model file without executing anything stored in it.
-
-    ``expect`` (e.g. ``{"norm": "gn", "depth": 2}``) makes a file of another architecture or norm an
-    error that says which field differs.
-    """
-    blob = load_torch(path, what="model file")
-    if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:
-        raise ValueError(f"{path} is not a normres model file (expected format '{MODEL_FORMAT}')")
-    arch = blob["model"]
-    for key, want in (expect or {}).items():
-        if key in arch and arch[key] != want:
-            raise ValueError(
-                f"{path} holds a model with {key}={arch[key]!r}, but {key}={want!r} was expected "
-                f"(file: {arch['model']} norm={arch['norm']} depth={arch['depth']})"
-            )
-    model = build_model(
-        arch["model"], arch["norm"], arch["depth"], arch["in_channels"], arch["num_classes"], arch["norm_options"]
-    )
-    try:
-        model.load_state_dict(blob["state_dict"])
-    except RuntimeError as exc:
-        raise ValueError(f"{path}: weights do not fit a {arch['model']} with norm={arch['norm']}: {exc}") from None
-    model.eval()
-    return model, blob
+        last_finite.restore()
+        raise Diverged(f"training loss became non-finite by image {seen} (weights restored to step {last_finite.step})")
+    loss_value, accuracy = loss_sum.item() / seen, correct.item() / seen  # (synchronises)
+    return EpochStats(loss_value, accuracy, seen, time.perf_counter() - t0)
 
 
 # ---------------------------------------------------------------------------------------------
 # The run
 
 
-def _checkpoint(path: Path, model, optimizer, epoch: int, history: list[dict], settings, extra) -> None:
+def model_for(settings: RunSettings, data: RunData) -> nn.Module:
+    """The run's model; a user layer's registry entry is rebuilt from the settings' reference and
+    hash (which came from the user's config), so SLURM jobs need nothing else."""
+    if settings.norm_class is not None:
+        norm = R.user_norm(settings.norm, settings.norm_class, settings.norm_sha256)
+    else:
+        norm = R.get_norm(settings.norm)
+    return build_model(settings.model, norm, settings.depth, data.dataset.channels, data.dataset.num_classes,
+                       settings.norm_options)  # fmt: skip
+
+
+def _checkpoint(path: Path, model, optimizer, epoch: int, history: list[dict], settings: RunSettings,
+                device: torch.device, extra: dict) -> None:  # fmt: skip
     save_torch(
         {
             "format": CHECKPOINT_FORMAT,
-            "settings": dict(settings),
+            "settings": settings.to_dict(),
+            "device_type": device.type,  # the random streams differ between CPU and CUDA
             "epoch": epoch,  # epochs completed
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
@@ -394,18 +260,30 @@ def _checkpoint(path: Path, model, optimizer, epoch: int, history: list[dict], s
     )
 
 
-def _resume(path: Path, settings: Mapping[str, Any], model, optimizer, log) -> tuple[int, list[dict], dict]:
-    """Restore a checkpoint of the same settings; any other checkpoint is set aside, never trusted."""
+def _resume(path: Path, settings: RunSettings, device: torch.device, model, optimizer, log) -> tuple[int, list[dict], dict]:
+    """Restore a checkpoint of the same settings; any other checkpoint is set aside, never trusted.
+
+    A checkpoint written on another device type is kept and the job stops: resuming there would
+    continue with another random stream (Philox on CUDA, Mersenne Twister on the CPU).
+    """
     if not path.exists():
         return 0, [], {}
     try:
         ck = load_torch(path, what="checkpoint")
-        if ck.get("format") != CHECKPOINT_FORMAT or ck.get("settings") != dict(settings):
+        if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT or ck.get("settings") != settings.to_dict():
             raise ValueError("it was written for other settings")
+        if ck.get("device_type") != device.type:
+            raise _OtherDevice(
+                f"{path} was written by this run on {ck.get('device_type')}, but this job runs on {device.type}, "
+                f"where batch order and augmentation would come from another random stream: rerun it on "
+                f"{ck.get('device_type')} to resume, or delete the checkpoint to start over"
+            )
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         torch.set_rng_state(ck["rng"])
-    except (ValueError, KeyError, RuntimeError) as exc:
+    except _OtherDevice:
+        raise
+    except (ValueError, KeyError, RuntimeError, TypeError) as exc:
         aside = path.with_suffix(".stale.pt")
         path.replace(aside)
         log(f"not resuming from {path}: {exc}; moved it to {aside.name} and starting fresh")
@@ -414,8 +292,30 @@ def _resume(path: Path, settings: Mapping[str, Any], model, optimizer, log) -> t
     return ck["epoch"], list(ck["history"]), dict(ck.get("extra", {}))
 
 
+class _OtherDevice(ValueError):
+    pass
+
+
+def _progress(out_dir: Path, settings: RunSettings, row: dict, started: datetime, device: torch.device) -> None:
+    """``progress.json``: where a running job stands, for ``normres status`` (read-only there)."""
+    write_json(
+        {
+            "epoch": row["epoch"],
+            "epochs": settings.epochs,
+            "val_accuracy": row["val_accuracy"],
+            "train_loss": row["train_loss"],
+            "epoch_seconds": row["seconds"],
+            "images_per_s": row["images_per_s"],
+            "device": str(device),
+            "started_at": started.isoformat(timespec="seconds"),
+            "updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        },
+        out_dir / "progress.json",
+    )
+
+
 def train_run(
-    settings: Mapping[str, Any],
+    settings: RunSettings,
     data_path: str | Path,
     out_dir: str | Path,
     threads: int = 1,
@@ -433,47 +333,43 @@ def train_run(
     out_dir.mkdir(parents=True, exist_ok=True)
     for leftover in out_dir.glob(".*.tmp"):  # half-written files of a killed job
         leftover.unlink()
-    configure_torch(threads, compiling=bool(settings.get("compile")))
     dev = select_device(device)
-    seed = int(settings["seed"])
-
+    runtime = configure_torch(threads, dev, settings.deterministic, settings.tf32, compiling=settings.compile)
     data = load_run_data(data_path, settings, dev)
-    torch.manual_seed(seed)
-    model = model_for(settings, data.spec).to(dev)  # channels_last (see normres.models)
-    optimizer = make_optimizer(model, settings["optimizer"])
+    torch.manual_seed(settings.seed)
+    model = model_for(settings, data).to(dev)  # channels_last (see normres.models)
+    optimizer = make_optimizer(model, settings.optimizer)
     ck_path = out_dir / "checkpoint.pt"
-    start_epoch, history, extra = _resume(ck_path, settings, model, optimizer, log)
+    start_epoch, history, extra = _resume(ck_path, settings, dev, model, optimizer, log)
     resumed = extra.get("resumed_at", []) + ([start_epoch] if start_epoch else [])
 
-    augment = D.Augmentation.from_options(settings["augment"], data.spec)
+    augment = Augmentation.from_settings(settings.augment, data.mean, data.std)
     step = None
     compile_seconds = extra.get("compile_seconds", 0.0)
-    if settings.get("compile"):
-        example = augment(data.train_x[: settings["batch_size"]], torch.Generator(device=dev).manual_seed(0))
-        step, seconds = compile_model(model, example, data.train_y[: settings["batch_size"]], settings.get("bf16", False))
+    if settings.compile:
+        example = augment(data.train_x[: settings.batch_size], torch.Generator(device=dev).manual_seed(0))
+        step, seconds = compile_model(model, example, data.train_y[: settings.batch_size], settings.bf16)
         compile_seconds += seconds
 
     status = "completed"
-    epochs = int(settings["epochs"])
-    log(f"training {settings['model']} norm={settings['norm']} n={settings['depth']} "
-        f"batch={settings['batch_size']} seed={seed} on {dev} with {torch.get_num_threads()} threads "
-        f"({len(data.train_y)} train / {len(data.val_y)} val images, epochs {start_epoch + 1}..{epochs})")  # fmt: skip
+    epochs = settings.epochs
+    log(f"training {settings.model} norm={settings.norm} depth={settings.depth} batch={settings.batch_size} "
+        f"seed={settings.seed} on {dev} with {torch.get_num_threads()} threads ({len(data.train_y)} train / "
+        f"{len(data.val_y)} val images, epochs {start_epoch + 1}..{epochs})")  # fmt: skip
     for epoch in range(start_epoch, epochs):
-        lr = lr_at(epoch, settings["optimizer"]["lr"], settings["schedule"], epochs)
+        lr = lr_at(epoch, settings.optimizer.lr, settings.schedule, epochs)
         set_lr(optimizer, lr)
         t0 = time.perf_counter()
         try:
-            tr = train_one_epoch(
-                model, optimizer, data.train_x, data.train_y, settings["batch_size"], augment,
-                epoch_generator(seed, epoch, dev), settings.get("l1", 0.0), step, settings.get("bf16", False),
-            )  # fmt: skip
+            tr = train_one_epoch(model, optimizer, data.train_x, data.train_y, settings.batch_size, augment,
+                                 epoch_generator(settings.seed, epoch, dev), settings.l1, step, settings.bf16)  # fmt: skip
         except Diverged as exc:
             log(f"epoch {epoch + 1}: diverged: {exc}")
             status = "diverged"
             history.append({"epoch": epoch + 1, "lr": lr, "train_loss": math.nan})
             break
         val = evaluate(model, data.val_x, data.val_y, data.normalize, with_features=True)
-        test = evaluate(model, data.test_x, data.test_y, data.normalize) if settings.get("eval_test_every_epoch") else None
+        test = evaluate(model, data.test_x, data.test_y, data.normalize) if settings.eval_test_every_epoch else None
         p1, p20, p80, p99 = val.feature_quantiles
         row = {
             "epoch": epoch + 1, "lr": lr, "train_loss": tr.loss, "train_accuracy": tr.accuracy,
@@ -489,29 +385,27 @@ def train_run(
             status = "diverged"
             log(f"epoch {epoch + 1}: diverged: validation loss is {val.loss}")
             break
-        _checkpoint(ck_path, model, optimizer, epoch + 1, history,
-                    settings, {"resumed_at": resumed, "compile_seconds": compile_seconds})  # fmt: skip
+        _checkpoint(ck_path, model, optimizer, epoch + 1, history, settings, dev,
+                    {"resumed_at": resumed, "compile_seconds": compile_seconds})  # fmt: skip
+        _progress(out_dir, settings, row, started, dev)
 
-    return _finish(settings, model, data, history, status, out_dir, ck_path, dev, started, wall0, resumed, compile_seconds)
-
-
-def _finish(settings, model, data, history, status, out_dir, ck_path, dev, started, wall0, resumed, compile_seconds):
-    save_model(model, settings, data.classes, out_dir / "model.pt")
+    save_model(model, settings.dataset, data.classes, data.mean, data.std, out_dir / "model.pt")
     write_csv(pd.DataFrame(history, columns=HISTORY_COLUMNS), out_dir / "history.csv")
     done = [h for h in history if math.isfinite(h.get("train_loss", math.nan))]
     record = {
-        "run": {k: settings[k] for k in ("study", "norm", "depth", "batch_size", "seed")},
-        "dataset": settings["dataset"],
-        "model": settings["model"],
+        "run": {k: getattr(settings, k) for k in ("study", "norm", "depth", "batch_size", "seed")},
+        "dataset": settings.dataset,
+        "model": settings.model,
         "status": status,
         "epochs_completed": len(done),
-        "settings": dict(settings),
+        "settings": settings.to_dict(),
         "parameters": count_parameters(model),
         "train_images": len(data.train_y),
         "val_images": len(data.val_y),
         "versions": package_versions(),
         "git_commit": git_commit(),
         "hardware": hardware(dev),
+        "runtime": runtime,
         "started_at": started.isoformat(timespec="seconds"),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "wall_seconds": time.perf_counter() - wall0,
@@ -521,4 +415,5 @@ def _finish(settings, model, data, history, status, out_dir, ck_path, dev, start
     }
     write_json(record, out_dir / "run.json")
     ck_path.unlink(missing_ok=True)
+    (out_dir / "progress.json").unlink(missing_ok=True)
     return record

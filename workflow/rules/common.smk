@@ -1,21 +1,29 @@
 # Helpers shared by every rule: config validation, wildcard constraints and input functions.
+import re
 from pathlib import Path
 
-from normres.config import RunSpec, expand_runs, run_dir, run_settings, validate_config
-from normres.specs import figure_names
+from snakemake.io import report as for_report  # `report` starts a directive at the start of a line
+
+from normres import registry as R
+from normres.captions import caption_path
+from normres.config import RunSpec, run_dir, validate_config
+
 
 # Validate before any job starts: one message naming the key, the bad value and what is allowed.
-config = validate_config(config)
-RUNS = expand_runs(config)
+# User layers' file paths are relative to the config file that names them.
+CONFIG = validate_config(
+    config, Path(workflow.configfiles[-1]).parent if workflow.configfiles else Path(".")
+)
+RUNS = CONFIG.runs()
 
 
 wildcard_constraints:
     study=r"[A-Za-z][A-Za-z0-9]*",
-    norm=r"torch_bn|bn|in|bin|ln|gn|nn",
+    norm="|".join(map(re.escape, CONFIG.norms)),
     depth=r"\d+",
     batch_size=r"\d+",
     seed=r"\d+",
-    dataset=r"cifar10|mnist|fashion_mnist",
+    dataset="|".join(map(re.escape, R.DATASETS)),
 
 
 RUN_DIR = "results/runs/{study}/{norm}/n{depth}_b{batch_size}/seed{seed}"
@@ -33,11 +41,38 @@ def spec_of(wildcards):
 
 def get_run_settings(wildcards):
     """The settings this run depends on (a change reruns just the runs it touches)."""
-    return run_settings(config, spec_of(wildcards))
+    return CONFIG.run_settings(spec_of(wildcards)).to_dict()
+
+
+def get_bn_statistics(wildcards):
+    """The batch-statistics analysis of a run, or None for layers without running statistics."""
+    spec = spec_of(wildcards)
+    if not CONFIG.has_bn_statistics(spec):
+        return None
+    return vars(CONFIG.bn_statistics_settings(spec))
+
+
+def get_robustness(wildcards):
+    settings = CONFIG.robustness_settings(wildcards.study)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(settings).items()}
 
 
 def get_dataset_file(wildcards):
-    return f"resources/{config['studies'][wildcards.study]['dataset']}/data.pt"
+    return f"resources/{CONFIG.study(wildcards.study)['dataset']}/data.pt"
+
+
+def get_corrupted_file(wildcards):
+    return f"resources/{CONFIG.study(wildcards.study)['dataset']}/corrupted.pt"
+
+
+def get_corrupted_images(wildcards):
+    """Test images to corrupt: as many as the studies on this dataset evaluate (all corruptions
+    and severities, built once; every run sees the same images)."""
+    return max(
+        CONFIG.robustness_settings(s).images
+        for s, study in CONFIG.studies.items()
+        if study["dataset"] == wildcards.dataset and CONFIG.has_robustness(s)
+    )
 
 
 def get_raw_root(wildcards):
@@ -45,7 +80,25 @@ def get_raw_root(wildcards):
 
 
 def get_data_mirrors(wildcards):
-    return [str(Path(m).expanduser()) for m in config["data"]["mirrors"]]
+    return [str(Path(m).expanduser()) for m in CONFIG.data["mirrors"]]
+
+
+def train_gpus():
+    """One GPU per training job where this machine has NVIDIA GPUs (limit local GPU runs with
+    --resources gpu=N); the SLURM profile sets it itself."""
+    return 1 if list(Path("/dev").glob("nvidia[0-9]*")) else 0
+
+
+def get_norm_descriptions():
+    """Name, title, what it normalizes over and citation of every layer the studies use."""
+    used = dict.fromkeys(n for s in CONFIG.studies for n in CONFIG.study_norms(s))
+    return {
+        name: {
+            k: getattr(CONFIG.norms[name], k)
+            for k in ("title", "normalizes_over", "description", "citation", "batch_dependent", "running_stats")
+        }
+        for name in used
+    }
 
 
 def runs_of(study=None):
@@ -59,6 +112,16 @@ def get_run_files(name, study=None):
         return [str(r.run_dir / name) for r in runs_of(study)]
 
     return inputs
+
+
+def get_robustness_files(wildcards):
+    return [
+        str(r.run_dir / "robustness.csv") for r in RUNS if CONFIG.has_robustness(r.study)
+    ]
+
+
+def get_references():
+    return {study: CONFIG.reference_norm(study) for study in CONFIG.studies}
 
 
 def conditions(study):
@@ -76,11 +139,36 @@ def misclassified_figures(study):
     ]
 
 
-def get_figures(wildcards=None):
-    figures = [
-        f"results/figures/{name}.png" for name in figure_names(config["studies"])
+def figure_files():
+    """(figure definition, study or None, path) of every figure that applies to the config."""
+    out = []
+    for f in R.FIGURES.values():
+        if f.scope == "all":
+            out.append((f, None, f"results/figures/{f.name}.png"))
+            continue
+        for study, settings in CONFIG.studies.items():
+            if f.applies(settings, CONFIG.norms):
+                out.append((f, study, f"results/figures/{study}_{f.name}.png"))
+    return out
+
+
+def figure_outputs():
+    """The figures rule's outputs, each flagged for Snakemake's report with its caption."""
+    return [
+        for_report(
+            path,
+            caption=caption_path(f.caption),
+            category=study or "all studies",
+            subcategory=f.category,
+            labels={"study": study or "all", "figure": f.name},
+        )
+        for f, study, path in figure_files()
     ]
-    for study in config["studies"]:
+
+
+def get_figures(wildcards=None):
+    figures = [path for _, _, path in figure_files()]
+    for study in CONFIG.studies:
         figures += misclassified_figures(study)
     return figures
 

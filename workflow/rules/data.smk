@@ -8,6 +8,24 @@ rule prepare_data:
     params:
         root=get_raw_root,
         mirrors=get_data_mirrors,
-        download=config["data"]["download"],
+        download=CONFIG.data["download"],
     script:
         "../scripts/prepare_data.py"
+
+
+rule corrupt:
+    input:
+        "resources/{dataset}/data.pt",
+    output:
+        "resources/{dataset}/corrupted.pt",
+    log:
+        "logs/corrupt/{dataset}.log",
+    benchmark:
+        "results/benchmarks/corrupt/{dataset}.tsv"
+    conda:
+        "../envs/normres.yaml"
+    params:
+        images=get_corrupted_images,
+    threads: 2
+    script:
+        "../scripts/corrupt.py"

@@ -3,12 +3,17 @@ rule figures:
         runs="results/runs.csv",
         summary="results/summary.csv",
         histories="results/histories.csv",
+        robustness="results/robustness.csv",
+        comparisons="results/comparisons.csv",
     output:
-        expand("results/figures/{name}.png", name=figure_names(config["studies"])),
+        figure_outputs(),
     log:
         "logs/figures/figures.log",
     conda:
         "../envs/normres.yaml"
+    params:
+        figures=[(f.name, study, path) for f, study, path in figure_files()],
+        norm_order=list(CONFIG.norms),
     script:
         "../scripts/figures.py"
 
@@ -17,7 +22,13 @@ rule misclassified:
     input:
         unpack(get_misclassified_inputs),
     output:
-        "results/figures/misclassified/{study}/{norm}_n{depth}_b{batch_size}.png",
+        report(
+            "results/figures/misclassified/{study}/{norm}_n{depth}_b{batch_size}.png",
+            caption=caption_path("misclassified.rst"),
+            category="{study}",
+            subcategory="misclassified images",
+            labels={"norm": "{norm}", "depth": "{depth}", "batch size": "{batch_size}"},
+        ),
     log:
         "logs/figures/misclassified/{study}/{norm}_n{depth}_b{batch_size}.log",
     conda:

@@ -2,6 +2,7 @@ rule report:
     input:
         runs="results/runs.csv",
         summary="results/summary.csv",
+        comparisons="results/comparisons.csv",
         records=get_run_files("run.json"),
         figures=get_figures,
     output:
@@ -11,6 +12,7 @@ rule report:
     conda:
         "../envs/normres.yaml"
     params:
-        studies=config["studies"],
+        config=CONFIG.raw,
+        norms=get_norm_descriptions(),
     script:
         "../scripts/report.py"

@@ -12,6 +12,8 @@ rule train:
     conda:
         "../envs/normres.yaml"
     threads: 1
+    resources:
+        gpu=train_gpus(),
     params:
         settings=get_run_settings,
     script:

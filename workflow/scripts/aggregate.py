@@ -1,4 +1,4 @@
-"""Snakemake glue: the runs table, the summary over seeds, and all histories."""
+"""Snakemake glue: the runs table, the summary over seeds, all histories and robustness rows."""
 
 from pathlib import Path
 
@@ -11,5 +11,6 @@ with log_to(snakemake.log[0]) as log:
         snakemake.output.runs,
         snakemake.output.summary,
         snakemake.output.histories,
+        snakemake.output.robustness,
     )
     log(f"aggregated {len(runs)} runs")

@@ -1,17 +1,9 @@
-"""Snakemake glue: the standard figures from the aggregated tables."""
-
-from pathlib import Path
-
-import pandas as pd
+"""Snakemake glue: the study's figures (normres.registry.FIGURES) from the aggregated tables."""
 
 from normres.io import log_to
-from normres.plots import study_figures
+from normres.plots import Tables, draw_figures
 
 with log_to(snakemake.log[0]) as log:
-    written = study_figures(
-        pd.read_csv(snakemake.input.histories),
-        pd.read_csv(snakemake.input.runs),
-        pd.read_csv(snakemake.input.summary),
-        Path(snakemake.output[0]).parent,
-    )
+    tables = Tables.read(snakemake.input, snakemake.params.norm_order)
+    written = draw_figures(tables, snakemake.params.figures)
     log(f"wrote {len(written)} figures")

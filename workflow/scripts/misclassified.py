@@ -2,7 +2,7 @@
 
 import pandas as pd
 
-from normres.data import load_prepared
+from normres.datasets import load_prepared
 from normres.io import log_to
 from normres.plots import render_misclassified
 
@@ -13,7 +13,7 @@ with log_to(snakemake.log[0]) as log:
         pd.read_csv(snakemake.input.predictions),
         data.test_x,
         data.classes,
-        f"{w.study}: {w.norm} (n={w.depth}, batch {w.batch_size}): misclassified test images",
+        f"{w.study}: {w.norm} (depth n={w.depth}, batch {w.batch_size}): misclassified test images",
         snakemake.output[0],
     )
     log(f"wrote {snakemake.output[0]}")

@@ -1,6 +1,6 @@
 """Snakemake glue: fetch, verify and prepare one dataset as uint8 tensors."""
 
-from normres.data import prepare_dataset
+from normres.datasets import prepare_dataset
 from normres.io import log_to
 
 with log_to(snakemake.log[0]) as log:

@@ -1,11 +1,6 @@
-"""Normalization layers, looked up by name.
+"""The fused implementation shared by the hand-written norms (``bn``, ``in``, ``ln``, ``gn``, ``bin``).
 
-Every constructor in :data:`NORMS` takes ``num_channels`` first and keyword options after it, so
-model code can take a norm name (or a ``norm_layer`` callable) instead of switching on names.
-
-The hand-written norms (``bn``, ``in``, ``ln``, ``gn``, ``bin``) share one fused implementation,
-:class:`_FusedNormFunction`. They differ only in which (sample, channel) slabs are pooled into one
-set of statistics:
+They differ only in which (sample, channel) slabs are pooled into one set of statistics:
 
 * forward: per-(n, c) moments over (H, W) (on CPUs a sum and a sum of squares, one cheap pass each,
   because ``torch.var_mean`` is ~25x slower there; ``torch.var_mean`` on GPUs), pooled into the
@@ -27,62 +22,32 @@ and fuses both with the neighbouring pointwise ops (ReLU, residual additions). C
 steps then run at 0.7x the eager NCHW ``nn.BatchNorm2d`` step for every norm (``make bench``).
 Both forms are tested against torch's layers.
 
-Every layer keeps the memory layout it is given (NCHW or channels_last, which the models use).
-
-None of them calls torch's normalization kernels. Statistics are computed in float32 (float64 for
-float64 inputs).
+Statistics are computed in float32 (float64 for float64 inputs), also under autocast:
+:func:`float32_statistics` switches autocast off inside a layer's forward, since autocast would
+otherwise run the group pooling (a matmul) in bfloat16 and the statistics would follow.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from normres.specs import (
-    NORM_OPTIONS,
-    check_eps,
-    check_momentum,
-    check_name,
-    check_norm,
-    check_options,
-    resolve_groups,
-)
-
-__all__ = [
-    "NORMS",
-    "NORM_OPTIONS",
-    "BatchInstanceNorm",
-    "BatchNorm",
-    "GroupNorm",
-    "InstanceNorm",
-    "LayerNorm",
-    "check_norm",
-    "clamp_gates_",
-    "describe",
-    "gate_parameters",
-    "make_norm",
-    "resolve_groups",
-]
-
-DEFAULT_EPS = 1e-5
-DEFAULT_MOMENTUM = 0.1
-
 # Pooling kinds understood by the fused function. A "group" pooling carries its group count.
-_BATCH = "batch"  # per channel, over (N, H, W)
-_BATCH_FIXED = "batch_fixed"  # per channel, running statistics (constants w.r.t. x)
-_INSTANCE = "instance"  # per (n, c), over (H, W)
-_GROUP = "group"  # per (n, group), over (C / G, H, W); LN is one group
+BATCH = "batch"  # per channel, over (N, H, W)
+BATCH_FIXED = "batch_fixed"  # per channel, running statistics (constants w.r.t. x)
+INSTANCE = "instance"  # per (n, c), over (H, W)
+GROUP = "group"  # per (n, group), over (C / G, H, W); LN is one group
 
 
 # --------------------------------------------------------------------------------------------
 # statistics
 
 
-def _stats_dtype(x: Tensor) -> torch.dtype:
+def stats_dtype(x: Tensor) -> torch.dtype:
     """float32 for half/bfloat16/float32 inputs, float64 for float64 (gradcheck)."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -94,7 +59,7 @@ _CANCELLATION_RATIO = 1e3
 
 def _slab_moments(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-(n, c) biased variance and mean over (H, W), in the statistics dtype; each (N, C)."""
-    dtype = _stats_dtype(x)
+    dtype = stats_dtype(x)
     if x.dtype != dtype:
         x = x.to(dtype)
     if x.is_cuda:  # one Welford kernel, exact and fast on GPUs
@@ -119,44 +84,44 @@ def _sum_squares_hw(x: Tensor) -> Tensor:
     return torch.mul(x, x).sum((2, 3))
 
 
-def _memory_format(x: Tensor) -> torch.memory_format:
+def memory_format_of(x: Tensor) -> torch.memory_format:
     """channels_last for NHWC-strided x (and plain NCHW otherwise), so that x's layout is kept."""
     if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
 
 
-def _compiling() -> bool:
+def compiling() -> bool:
     """True while torch.compile traces: the norms then take their composite form (see module doc)."""
     return torch.compiler.is_compiling()
 
 
-def _moments(x: Tensor) -> tuple[Tensor, Tensor]:
+def moments(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-(n, c) (var, mean) of ``x``, each (N, C).
 
     Eager: constants to autograd (the fused function differentiates them analytically). While
     compiling: one ``var_mean`` that autograd differentiates, so the compiler sees plain ops it
     can fuse, with no data-dependent branch to split its graph.
     """
-    if _compiling():
-        return torch.var_mean(x.to(_stats_dtype(x)), dim=(2, 3), correction=0)
+    if compiling():
+        return torch.var_mean(x.to(stats_dtype(x)), dim=(2, 3), correction=0)
     with torch.no_grad():
         return _slab_moments(x)
 
 
-def _pool(var: Tensor, mean: Tensor, kind: str, averaging: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def pool(var: Tensor, mean: Tensor, kind: str, averaging: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Pool per-(n, c) moments into the statistics of a grouping (law of total variance).
 
     Returns (var, mean) shaped to broadcast against (N, C): (1, C) for batch pooling, (N, C)
     otherwise. All slabs have the same H*W, so pooled moments are plain averages.
     """
-    if kind == _INSTANCE:
+    if kind == INSTANCE:
         return var, mean
-    if kind == _BATCH:
+    if kind == BATCH:
         pooled_mean = mean.mean(0, keepdim=True)  # (1, C)
         pooled_var = var.mean(0, keepdim=True) + (mean - pooled_mean).square().mean(0, keepdim=True)
         return pooled_var, pooled_mean
-    if kind == _GROUP:
+    if kind == GROUP:
         pooled_mean = _group_average(mean, averaging)  # (N, C)
         pooled_var = _group_average(var, averaging) + _group_average((mean - pooled_mean).square(), averaging)
         return pooled_var, pooled_mean
@@ -183,9 +148,9 @@ def _group_average(t: Tensor, averaging: Tensor) -> Tensor:
 def _group_mean(t: Tensor, kind: str, averaging: Tensor | None, shape: torch.Size) -> Tensor:
     """Sum per-(n, c) values over the slabs of each group, divided by the group's element count."""
     n, _, h, w = shape
-    if kind == _INSTANCE:
+    if kind == INSTANCE:
         return t / (h * w)
-    if kind == _BATCH:
+    if kind == BATCH:
         return t.sum(0, keepdim=True) / (n * h * w)
     return _group_average(t, averaging) / (h * w)  # slabs are averaged: divide by H*W only
 
@@ -245,7 +210,7 @@ class _FusedNormFunction(torch.autograd.Function):
         dtype = means[0].dtype
         n, c, h, w = x.shape
         in_dtype = x.dtype
-        dy = dy.contiguous(memory_format=_memory_format(x))  # buffers below follow x's layout
+        dy = dy.contiguous(memory_format=memory_format_of(x))  # buffers below follow x's layout
         if in_dtype != dtype:  # half / bfloat16: reduce and combine in float32
             x, dy = x.to(dtype), dy.to(dtype)
         t1 = dy.sum(dim=(2, 3))  # (N, C)
@@ -264,7 +229,7 @@ class _FusedNormFunction(torch.autograd.Function):
             ps.append(p)
             a_k = gamma_k * rstd
             coef_a = a_k if coef_a is None else coef_a + a_k
-            if kind == _BATCH_FIXED:
+            if kind == BATCH_FIXED:
                 continue
             mean_g = _group_mean(gamma_k * t1, kind, averaging, x.shape)
             r_mean_gxh = _group_mean(gamma_k * p, kind, averaging, x.shape) * rstd  # r * H
@@ -316,7 +281,7 @@ def _branch_gammas(weight: Tensor, rho: Tensor | None, branches: int, dtype: tor
     return [gamma_rho, gamma - gamma_rho]
 
 
-def _fused_norm(
+def fused_norm(
     x: Tensor,
     weight: Tensor,
     bias: Tensor,
@@ -333,7 +298,7 @@ def _fused_norm(
     scale and shift from plain differentiable ops: the compiler generates and fuses the backward
     itself, which beats an opaque custom function it cannot fuse across.
     """
-    if _compiling():
+    if compiling():
         return _composite_norm(x, weight, bias, stats, eps, rho)
     with torch.no_grad():
         means = tuple(mean for _, mean in stats)
@@ -352,262 +317,29 @@ def _composite_norm(
     return (x * scale.view(-1, c, 1, 1) + shift.view(-1, c, 1, 1)).to(x.dtype)  # (N, C, H, W)
 
 
-# --------------------------------------------------------------------------------------------
-# modules
 
 
-def _check_input(x: Tensor, num_channels: int, name: str) -> Tensor:
+def check_input(x: Tensor, num_channels: int, name: str) -> Tensor:
+    """x as a 4-D (N, C, H, W) tensor of ``num_channels`` channels, in its own layout, dense."""
     if x.dim() != 4:
         raise ValueError(f"{name}: expected a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}")
     if x.shape[1] != num_channels:
         raise ValueError(f"{name}: expected {num_channels} channels, got {x.shape[1]}")
-    return x.contiguous(memory_format=_memory_format(x))  # NCHW or channels_last, as given
+    return x.contiguous(memory_format=memory_format_of(x))  # NCHW or channels_last, as given
 
 
-class _AffineNorm(nn.Module):
-    """Shared parameters: per-channel weight (gamma, ones) and bias (beta, zeros)."""
+def float32_statistics(forward: Callable[[nn.Module, Tensor], Tensor]) -> Callable[[nn.Module, Tensor], Tensor]:
+    """Run a norm layer's ``forward`` with autocast off, so that its statistics stay float32.
 
-    def __init__(self, num_channels: int, eps: float) -> None:
-        super().__init__()
-        if num_channels < 1:
-            raise ValueError(f"num_channels must be positive, got {num_channels}")
-        check_eps(eps)
-        self.num_channels = num_channels
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(num_channels))
-        self.bias = nn.Parameter(torch.zeros(num_channels))
-
-    def extra_repr(self) -> str:
-        return f"{self.num_channels}, eps={self.eps}"
-
-
-class _RunningStats(_AffineNorm):
-    """Adds BatchNorm2d-style running statistics (unbiased running variance)."""
-
-    def __init__(self, num_channels: int, eps: float, momentum: float | None) -> None:
-        super().__init__(num_channels, eps)
-        check_momentum(momentum)
-        self.momentum = momentum
-        self.register_buffer("running_mean", torch.zeros(num_channels))
-        self.register_buffer("running_var", torch.ones(num_channels))
-        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
-
-    def _batch_stats(self, var: Tensor, mean: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-channel (1, C) batch statistics; updates the running averages."""
-        bvar, bmean = _pool(var, mean, _BATCH)
-        count = x.shape[0] * x.shape[2] * x.shape[3]
-        if count < 2:
-            raise ValueError(
-                f"{type(self).__name__}: expected more than 1 value per channel when training, "
-                f"got input shape {tuple(x.shape)}"
-            )
-        with torch.no_grad():
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average, as in nn.BatchNorm2d
-                factor = 1.0 / float(self.num_batches_tracked)
-            else:
-                factor = self.momentum
-            unbiased = bvar[0] * (count / (count - 1))
-            self.running_mean.lerp_(bmean[0].to(self.running_mean.dtype), factor)
-            self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
-        return bvar, bmean
-
-    def _running_stats(self) -> tuple[Tensor, Tensor]:
-        dtype = torch.float64 if self.running_var.dtype == torch.float64 else torch.float32
-        return self.running_var.to(dtype)[None], self.running_mean.to(dtype)[None]
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, momentum={self.momentum}"
-
-
-class BatchNorm(_RunningStats):
-    """Batch normalization (Ioffe & Szegedy 2015, "Batch Normalization: Accelerating Deep Network
-    Training by Reducing Internal Covariate Shift").
-
-    Statistics per channel over (N, H, W); running mean and unbiased running variance for eval
-    mode, updated with ``momentum`` (None: cumulative average), as ``nn.BatchNorm2d``.
+    The layers handle low-precision inputs themselves (statistics in float32, output in the input's
+    dtype); autocast would instead lower their internal matmuls and reductions to bfloat16.
     """
 
-    def __init__(
-        self,
-        num_channels: int,
-        *,
-        eps: float = DEFAULT_EPS,
-        momentum: float | None = DEFAULT_MOMENTUM,
-    ) -> None:
-        super().__init__(num_channels, eps, momentum)
+    @functools.wraps(forward)
+    def wrapper(self: nn.Module, x: Tensor) -> Tensor:
+        if torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return forward(self, x)
+        return forward(self, x)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = _check_input(x, self.num_channels, "bn")
-        if self.training:
-            stats = self._batch_stats(*_moments(x), x)
-            return _fused_norm(x, self.weight, self.bias, [stats], (_BATCH,), self.eps)
-        # Eval: a fixed per-channel affine; plain autograd ops handle its (trivial) gradient.
-        var, mean = self._running_stats()
-        scale = self.weight * torch.rsqrt(var[0] + self.eps)  # (C,)
-        shift = self.bias - mean[0] * scale
-        y = torch.mul(x, scale[:, None, None]).add_(shift[:, None, None])  # float32 for half x
-        return y.to(x.dtype)
-
-
-class InstanceNorm(_AffineNorm):
-    """Instance normalization (Ulyanov et al. 2016, "Instance Normalization: The Missing
-    Ingredient for Fast Stylization").
-
-    Statistics per (sample, channel) over (H, W), in training and eval alike (no running
-    statistics), with a per-channel affine: ``nn.InstanceNorm2d(C, affine=True)``.
-    """
-
-    def __init__(self, num_channels: int, *, eps: float = DEFAULT_EPS) -> None:
-        super().__init__(num_channels, eps)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = _check_input(x, self.num_channels, "in")
-        stats = _moments(x)
-        return _fused_norm(x, self.weight, self.bias, [stats], (_INSTANCE,), self.eps)
-
-
-class GroupNorm(_AffineNorm):
-    """Group normalization (Wu & He 2018, "Group Normalization").
-
-    Statistics per sample over each group of ``num_channels / groups`` channels and (H, W), with a
-    per-channel affine: ``nn.GroupNorm(groups, C)``. Give ``groups`` (default 32) or
-    ``channels_per_group``, not both.
-    """
-
-    def __init__(
-        self,
-        num_channels: int,
-        *,
-        groups: int | None = None,
-        channels_per_group: int | None = None,
-        eps: float = DEFAULT_EPS,
-    ) -> None:
-        resolved = resolve_groups(num_channels, groups, channels_per_group)
-        super().__init__(num_channels, eps)
-        self.groups = resolved
-        # built once: rebuilding it in every pooling cost gn ~3% of a ResNet-14 step
-        self.register_buffer("averaging", group_averaging_matrix(num_channels, resolved), persistent=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = _check_input(x, self.num_channels, "gn")
-        stats = _pool(*_moments(x), _GROUP, self.averaging)
-        return _fused_norm(x, self.weight, self.bias, [stats], (_GROUP,), self.eps, averaging=self.averaging)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, groups={self.groups}"
-
-
-class LayerNorm(GroupNorm):
-    """Layer normalization (Ba et al. 2016, "Layer Normalization") for conv features.
-
-    Statistics per sample over (C, H, W), with a per-channel affine: ``nn.GroupNorm(1, C)``.
-    """
-
-    def __init__(self, num_channels: int, *, eps: float = DEFAULT_EPS) -> None:
-        super().__init__(num_channels, groups=1, eps=eps)
-
-    def extra_repr(self) -> str:
-        return f"{self.num_channels}, eps={self.eps}"
-
-
-class BatchInstanceNorm(_RunningStats):
-    """Batch-instance normalization (Nam & Kim 2018, "Batch-Instance Normalization for
-    Adaptively Style-Invariant Neural Networks").
-
-    ``y = weight * (rho * x_bn + (1 - rho) * x_in) + bias`` with a per-channel gate ``rho``
-    initialised to 1 (pure batch norm, as in the paper) and kept in [0, 1] by
-    :func:`clamp_gates_` after each optimizer step. The batch branch keeps running statistics
-    like :class:`BatchNorm` and uses them in eval mode; the instance branch always uses the
-    sample's own statistics. Both branches come from the same per-(n, c) moments and are
-    applied in one pass.
-    """
-
-    def __init__(
-        self,
-        num_channels: int,
-        *,
-        eps: float = DEFAULT_EPS,
-        momentum: float | None = DEFAULT_MOMENTUM,
-    ) -> None:
-        super().__init__(num_channels, eps, momentum)
-        self.rho = nn.Parameter(torch.ones(num_channels))
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = _check_input(x, self.num_channels, "bin")
-        var, mean = _moments(x)
-        if self.training:
-            batch, kind = self._batch_stats(var, mean, x), _BATCH
-        else:
-            batch, kind = self._running_stats(), _BATCH_FIXED
-        return _fused_norm(
-            x, self.weight, self.bias, [batch, (var, mean)], (kind, _INSTANCE), self.eps, rho=self.rho
-        )
-
-
-# --------------------------------------------------------------------------------------------
-# registry
-
-
-def _torch_batch_norm(
-    num_channels: int, *, eps: float = DEFAULT_EPS, momentum: float | None = DEFAULT_MOMENTUM
-) -> nn.Module:
-    """PyTorch's ``nn.BatchNorm2d`` (the reference and speed baseline)."""
-    return nn.BatchNorm2d(num_channels, eps=eps, momentum=momentum)
-
-
-def _identity(num_channels: int, *, eps: float = DEFAULT_EPS) -> nn.Module:
-    """No normalization; ``num_channels`` and ``eps`` are accepted so configs stay uniform."""
-    del num_channels, eps
-    return nn.Identity()
-
-
-NORMS: dict[str, Callable[..., nn.Module]] = {
-    "torch_bn": _torch_batch_norm,
-    "bn": BatchNorm,
-    "in": InstanceNorm,
-    "ln": LayerNorm,
-    "gn": GroupNorm,
-    "bin": BatchInstanceNorm,
-    "nn": _identity,
-}
-
-_DESCRIPTIONS: dict[str, str] = {
-    "torch_bn": "PyTorch's BatchNorm2d: statistics per channel over the batch and spatial axes "
-    "(N, H, W), running averages in eval mode.",
-    "bn": "Batch norm: statistics per channel over the batch and spatial axes (N, H, W), "
-    "running averages in eval mode.",
-    "in": "Instance norm: statistics per sample and channel over the spatial axes (H, W), "
-    "in training and eval alike.",
-    "ln": "Layer norm: statistics per sample over all channels and spatial axes (C, H, W).",
-    "gn": "Group norm: statistics per sample over each group of channels and the spatial axes "
-    "(C/G, H, W).",
-    "bin": "Batch-instance norm: a learned per-channel mix rho of batch statistics over (N, H, W) "
-    "and instance statistics over (H, W).",
-    "nn": "No normalization: the identity, no statistics.",
-}
-
-
-def make_norm(name: str, num_channels: int, **options: Any) -> nn.Module:
-    """Build norm ``name`` for ``num_channels`` channels; ValueError for unknown names/options."""
-    check_name(name)
-    check_options(name, options)
-    return NORMS[name](num_channels, **options)
-
-
-def describe(name: str) -> str:
-    """One sentence saying which axes the statistics of norm ``name`` span."""
-    check_name(name)
-    return _DESCRIPTIONS[name]
-
-
-def gate_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The ``rho`` gates of every :class:`BatchInstanceNorm` in ``model`` (own lr, no decay)."""
-    return [m.rho for m in model.modules() if isinstance(m, BatchInstanceNorm)]
-
-
-@torch.no_grad()
-def clamp_gates_(model: nn.Module) -> None:
-    """Clamp every batch-instance gate ``rho`` into [0, 1] in place (call after each step)."""
-    for rho in gate_parameters(model):
-        rho.clamp_(0.0, 1.0)
+    return wrapper
