@@ -1,7 +1,8 @@
-"""normres.data: fetching/verifying original files, prepared tensors, splits, batch augmentation, CSV.
+"""normres.datasets (fetching/verifying original files, prepared tensors, splits), normres.augment
+(batch augmentation) and normres.pixels (pixel CSVs).
 
 The preparation tests build tiny files in the real formats (idx, CIFAR pickles, the .tar.gz) in
-tmp_path and swap in dataset specs whose checksums match them; only the test marked slow reads the
+tmp_path and swap in file lists whose checksums match them; only the test marked slow reads the
 real Fashion-MNIST from Debian's package.
 """
 
@@ -23,7 +24,10 @@ import torchvision.datasets as tvd
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from normres import data as D
+from normres import augment as A
+from normres import datasets as D
+from normres import pixels as P
+from normres import registry as R
 
 # ---------------------------------------------------------------------------------------------
 # Fixture helpers: tiny datasets in the original formats
@@ -62,12 +66,17 @@ def tiny_fashion(monkeypatch, no_default_mirrors):
     """Swap in a fashion_mnist spec whose checksums are those of tiny idx files; returns the files' bytes."""
     arrays = tiny_idx_arrays()
     raw = {name: idx_bytes(a) for name, a in arrays.items()}
-    spec = dataclasses.replace(
-        D.DATASETS["fashion_mnist"],
+    spec = D.DatasetFiles(
+        R.DATASETS["fashion_mnist"],
         files=tuple(D.RawFile(n, md5(b), gz_md5=md5(gzip.compress(b, mtime=0))) for n, b in raw.items()),
     )
-    monkeypatch.setitem(D.DATASETS, "fashion_mnist", spec)
+    _swap_files(monkeypatch, spec)
     return raw, arrays
+
+
+def _swap_files(monkeypatch, spec: D.DatasetFiles) -> None:
+    original = D.dataset_files
+    monkeypatch.setattr(D, "dataset_files", lambda name: spec if name == spec.name else original(name))
 
 
 def write_gz_mirror(folder: Path, raw: dict[str, bytes]) -> Path:
@@ -119,13 +128,13 @@ def tiny_cifar(monkeypatch, no_default_mirrors):
         test_list = [["test_batch", sums["test_batch"]]]
         meta = {"filename": "batches.meta", "key": "label_names", "md5": sums["batches.meta"]}
 
-    spec = dataclasses.replace(
-        D.DATASETS["cifar10"],
-        torchvision_class=TinyCIFAR10,
+    spec = D.DatasetFiles(
+        R.DATASETS["cifar10"],
         files=tuple(D.RawFile(n, s) for n, s in sums.items()),
         archive=D.RawFile("cifar-10-python.tar.gz", md5(archive)),
+        parser=TinyCIFAR10,
     )
-    monkeypatch.setitem(D.DATASETS, "cifar10", spec)
+    _swap_files(monkeypatch, spec)
     return files, archive
 
 
@@ -135,14 +144,14 @@ def tiny_cifar(monkeypatch, no_default_mirrors):
 
 def test_unknown_dataset_lists_valid_names():
     with pytest.raises(ValueError) as e:
-        D.get_dataset("cifar")
-    assert str(e.value) == "unknown dataset 'cifar' (choose from: cifar10, fashion_mnist, mnist)"
+        R.get_dataset("cifar")
+    assert str(e.value) == "unknown dataset 'cifar' (choose from: cifar10, mnist, fashion_mnist)"
     with pytest.raises(ValueError, match="unknown dataset 'cifar'"):
         D.prepare_dataset("cifar", Path("unused"), Path("unused.pt"))
 
 
-def test_specs_agree_with_torchvision():
-    cifar = D.DATASETS["cifar10"]
+def test_file_lists_are_torchvision_own():
+    cifar = D.dataset_files("cifar10")
     tv = tvd.CIFAR10
     assert {(f.name, f.md5) for f in cifar.files} == {
         *map(tuple, tv.train_list),
@@ -152,13 +161,14 @@ def test_specs_agree_with_torchvision():
     assert (cifar.archive.name, cifar.archive.md5) == (tv.filename, tv.tgz_md5)
     assert cifar.raw_dir == tv.base_folder
     for name in ("mnist", "fashion_mnist"):
-        spec = D.DATASETS[name]
-        cls = spec.dataset_class()
+        spec = D.dataset_files(name)
+        cls = spec.torchvision_class
         assert [(f"{f.name}.gz", f.gz_md5) for f in spec.files] == list(cls.resources)
         assert spec.raw_dir == f"{cls.__name__}/raw"
-    assert list(D.DATASETS["fashion_mnist"].classes) == tvd.FashionMNIST.classes
-    for spec in D.DATASETS.values():
-        assert len(spec.classes) == spec.num_classes and len(spec.mean) == len(spec.std) == spec.channels
+    assert list(R.DATASETS["fashion_mnist"].classes) == tvd.FashionMNIST.classes
+    for spec in R.DATASETS.values():
+        assert len(spec.mean) == len(spec.std) == spec.channels
+        assert tvd.__dict__[spec.torchvision_class]  # the registry names a real torchvision class
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,7 +187,7 @@ def test_prepare_from_gz_mirror_round_trips(tmp_path, tiny_fashion):
     assert [p.name for p in files_under(root)] == sorted(raw)  # no temp files left
     data = D.load_prepared(out)
     assert data.name == "fashion_mnist"
-    assert data.classes == list(D.DATASETS["fashion_mnist"].classes)
+    assert data.classes == list(R.DATASETS["fashion_mnist"].classes)
     assert data.train_x.dtype == torch.uint8 and data.train_x.shape == (20, 1, 28, 28)
     assert data.test_x.shape == (10, 1, 28, 28)
     assert data.train_y.dtype == torch.int64
@@ -267,12 +277,12 @@ def test_missing_files_error_lists_searched_folders(tmp_path, tiny_fashion):
 
 
 def test_failed_download_is_reported_with_the_mirrors(tmp_path, tiny_fashion, monkeypatch):
+    tiny = D.dataset_files("fashion_mnist")
     class FashionMNIST(tvd.FashionMNIST):  # offline, as on this machine
         def download(self):
             raise RuntimeError("Error downloading train-images-idx3-ubyte.gz: Name or service not known")
 
-    spec = dataclasses.replace(D.DATASETS["fashion_mnist"], torchvision_class=FashionMNIST)
-    monkeypatch.setitem(D.DATASETS, "fashion_mnist", spec)
+    _swap_files(monkeypatch, dataclasses.replace(D.dataset_files("fashion_mnist"), parser=FashionMNIST))
     root = tmp_path / "root"
     with pytest.raises(D.DataError) as e:
         D.prepare_dataset("fashion_mnist", root, tmp_path / "d.pt", mirrors=[tmp_path / "m"], download=True)
@@ -293,8 +303,7 @@ def test_download_uses_torchvision_and_verifies(tmp_path, tiny_fashion, monkeypa
                 (folder / name).write_bytes(b)
                 (folder / f"{name}.gz").write_bytes(gzip.compress(b))
 
-    spec = dataclasses.replace(D.DATASETS["fashion_mnist"], torchvision_class=FashionMNIST)
-    monkeypatch.setitem(D.DATASETS, "fashion_mnist", spec)
+    _swap_files(monkeypatch, dataclasses.replace(D.dataset_files("fashion_mnist"), parser=FashionMNIST))
     root = tmp_path / "root"
     out = D.prepare_dataset("fashion_mnist", root, tmp_path / "d.pt", download=True)
     assert torch.equal(D.load_prepared(out).test_x[:, 0], torch.from_numpy(arrays["t10k-images-idx3-ubyte"]))
@@ -440,17 +449,17 @@ def gen(seed=0) -> torch.Generator:
 
 def test_crop_flip_identity_and_determinism():
     x = images()
-    assert torch.equal(D.random_crop_flip(x, 0, gen(), flip=False), x)
-    a, b = D.random_crop_flip(x, 4, gen(1)), D.random_crop_flip(x, 4, gen(1))
+    assert torch.equal(A.random_crop_flip(x, 0, gen(), flip=False), x)
+    a, b = A.random_crop_flip(x, 4, gen(1)), A.random_crop_flip(x, 4, gen(1))
     assert a.dtype == torch.uint8 and a.shape == x.shape and torch.equal(a, b)
-    assert not torch.equal(a, D.random_crop_flip(x, 4, gen(2)))
+    assert not torch.equal(a, A.random_crop_flip(x, 4, gen(2)))
     xf = x.float() / 255
-    assert torch.equal(D.random_crop_flip(xf, 4, gen(1)), a.float() / 255)  # same draws for float input
+    assert torch.equal(A.random_crop_flip(xf, 4, gen(1)), a.float() / 255)  # same draws for float input
 
 
 def test_flip_really_flips_about_half():
     x = images(64)
-    y = D.random_crop_flip(x, 0, gen(), flip=True)
+    y = A.random_crop_flip(x, 0, gen(), flip=True)
     same = (y == x).flatten(1).all(1)
     flipped = (y == x.flip(3)).flatten(1).all(1)
     assert bool((same | flipped).all())
@@ -459,7 +468,7 @@ def test_flip_really_flips_about_half():
 
 def test_crop_is_a_window_of_the_zero_padded_image():
     x, pad = images(12, c=2, h=9, w=7), 2
-    y = D.random_crop_flip(x, pad, gen(5), flip=True)
+    y = A.random_crop_flip(x, pad, gen(5), flip=True)
     xp = torch.nn.functional.pad(x, (pad,) * 4)
     offsets = set()
     for i in range(len(x)):
@@ -481,20 +490,20 @@ def test_rotate_matches_torchvision_and_zero_is_identity():
     x = images(4, h=12, w=10).float() / 255
     for angle in (90.0, 30.0, -17.0):
         ref = TF.rotate(x, angle, interpolation=InterpolationMode.BILINEAR)
-        torch.testing.assert_close(D.rotate(x, angle), ref, atol=1e-5, rtol=0)
-    torch.testing.assert_close(D.random_rotation(x, 0.0, gen()), x, atol=1e-6, rtol=0)
+        torch.testing.assert_close(A.rotate(x, angle), ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(A.random_rotation(x, 0.0, gen()), x, atol=1e-6, rtol=0)
     u8 = images(4)
-    assert torch.equal(D.random_rotation(u8, 0.0, gen()), u8)
+    assert torch.equal(A.random_rotation(u8, 0.0, gen()), u8)
 
 
 def test_random_rotation_per_image_angles_and_determinism():
     x = images(8).float() / 255
-    a = D.random_rotation(x, 30.0, gen(3))
+    a = A.random_rotation(x, 30.0, gen(3))
     assert a.shape == x.shape and a.dtype == torch.float32
-    assert torch.equal(a, D.random_rotation(x, 30.0, gen(3)))
+    assert torch.equal(a, A.random_rotation(x, 30.0, gen(3)))
     angles = (torch.rand(8, generator=gen(3)) * 2 - 1) * 30  # the draw random_rotation makes
-    torch.testing.assert_close(a, D.rotate(x, angles))
-    assert D.random_rotation(images(8), 30.0, gen(3)).dtype == torch.uint8
+    torch.testing.assert_close(a, A.rotate(x, angles))
+    assert A.random_rotation(images(8), 30.0, gen(3)).dtype == torch.uint8
 
 
 def test_color_jitter_matches_torchvision():
@@ -502,19 +511,19 @@ def test_color_jitter_matches_torchvision():
     bf = torch.tensor([0.5, 0.8, 1.0, 1.2, 1.5, 0.9])
     cf = torch.tensor([1.5, 0.7, 1.0, 0.5, 1.3, 1.1])
     ref = torch.stack([TF.adjust_contrast(TF.adjust_brightness(x[i], bf[i].item()), cf[i].item()) for i in range(6)])
-    torch.testing.assert_close(D.adjust_brightness_contrast(x, bf, cf), ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(A.adjust_brightness_contrast(x, bf, cf), ref, atol=1e-5, rtol=0)
     gray = images(3, c=1).float() / 255
     ref1 = torch.stack([TF.adjust_contrast(g, 0.6) for g in gray])
-    torch.testing.assert_close(D.adjust_brightness_contrast(gray, 1.0, 0.6), ref1, atol=1e-5, rtol=0)
+    torch.testing.assert_close(A.adjust_brightness_contrast(gray, 1.0, 0.6), ref1, atol=1e-5, rtol=0)
 
 
 def test_color_jitter_zero_is_identity_and_range_is_kept():
     x = images(8).float() / 255
-    assert torch.equal(D.color_jitter(x, 0.0, 0.0, gen()), x)
-    y = D.color_jitter(x, 0.9, 0.9, gen(1))
+    assert torch.equal(A.color_jitter(x, 0.0, 0.0, gen()), x)
+    y = A.color_jitter(x, 0.9, 0.9, gen(1))
     assert y.min() >= 0 and y.max() <= 1 and not torch.equal(y, x)
-    assert torch.equal(y, D.color_jitter(x, 0.9, 0.9, gen(1)))
-    u8 = D.color_jitter(images(8), 0.3, 0.3, gen(1))
+    assert torch.equal(y, A.color_jitter(x, 0.9, 0.9, gen(1)))
+    u8 = A.color_jitter(images(8), 0.3, 0.3, gen(1))
     assert u8.dtype == torch.uint8
 
 
@@ -524,40 +533,40 @@ def test_normalize_and_float_input_untouched():
     expected = (x.double() / 255 - torch.tensor(mean).double().view(1, 3, 1, 1)) / torch.tensor(std).double().view(
         1, 3, 1, 1
     )
-    out = D.normalize(x, mean, std)
+    out = A.normalize(x, mean, std)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=0)
     xf = x.float() / 255
     before = xf.clone()
-    torch.testing.assert_close(D.normalize(xf, mean, std), out)
+    torch.testing.assert_close(A.normalize(xf, mean, std), out)
     assert torch.equal(xf, before)
     with pytest.raises(ValueError, match="3 channels"):
-        D.normalize(x, (0.5,), (0.5,))
+        A.normalize(x, (0.5,), (0.5,))
 
 
 def test_augment_off_is_normalize_and_options_are_checked():
-    spec = D.DATASETS["cifar10"]
+    spec = R.DATASETS["cifar10"]
     x = images(8)
-    torch.testing.assert_close(D.augment(x, {}, spec, gen()), D.normalize(x, spec.mean, spec.std))
+    torch.testing.assert_close(A.augment(x, {}, spec, gen()), A.normalize(x, spec.mean, spec.std))
     off = {"crop_pad": 0, "flip": False, "rotation": 0, "brightness": 0, "contrast": 0}
-    torch.testing.assert_close(D.augment(x, off, spec, gen()), D.normalize(x, spec.mean, spec.std))
+    torch.testing.assert_close(A.augment(x, off, spec, gen()), A.normalize(x, spec.mean, spec.std))
     with pytest.raises(ValueError) as e:
-        D.augment(x, {"crop": 4}, spec, gen())
+        A.augment(x, {"crop": 4}, spec, gen())
     assert "crop" in str(e.value) and "crop_pad, flip, rotation, brightness, contrast" in str(e.value)
     with pytest.raises(ValueError, match="crop_pad"):
-        D.augment(x, {"crop_pad": -1}, spec, gen())
+        A.augment(x, {"crop_pad": -1}, spec, gen())
     with pytest.raises(ValueError, match="mean and std"):
-        D.augment(x, {"crop_pad": 2}, None, gen())
+        A.augment(x, {"crop_pad": 2}, None, gen())
 
 
 def test_augment_full_pipeline_is_deterministic():
-    spec = D.DATASETS["cifar10"]
+    spec = R.DATASETS["cifar10"]
     options = {"crop_pad": 4, "flip": True, "rotation": 15, "brightness": 0.2, "contrast": 0.2}
     x = images(16)
-    a, b = D.augment(x, options, spec, gen(7)), D.augment(x, options, spec, gen(7))
+    a, b = A.augment(x, options, spec, gen(7)), A.augment(x, options, spec, gen(7))
     assert a.dtype == torch.float32 and a.shape == x.shape and torch.equal(a, b)
-    assert not torch.equal(a, D.augment(x, options, spec, gen(8)))
-    aug = D.Augmentation.from_options({**options, "mean": spec.mean, "std": spec.std})
+    assert not torch.equal(a, A.augment(x, options, spec, gen(8)))
+    aug = A.Augmentation.from_options({**options, "mean": spec.mean, "std": spec.std})
     assert torch.equal(aug(x, gen(7)), a)
 
 
@@ -566,14 +575,14 @@ def test_augment_full_pipeline_is_deterministic():
 
 
 def test_pixel_csv_round_trip(tmp_path):
-    spec = D.DATASETS["mnist"]
+    spec = R.DATASETS["mnist"]
     x = images(3, c=1, h=28, w=28)
-    path = D.write_pixel_csv(tmp_path / "x.csv", x)
+    path = P.write_pixel_csv(tmp_path / "x.csv", x)
     assert path.read_text().splitlines()[0].startswith("p0,p1,p2,")
-    assert torch.equal(D.read_pixel_csv(path, spec), x)
+    assert torch.equal(P.read_pixel_csv(path, spec), x)
     no_header = tmp_path / "n.csv"
     no_header.write_text("\n".join(path.read_text().splitlines()[1:]) + "\n")
-    assert torch.equal(D.read_pixel_csv(no_header, spec), x)
+    assert torch.equal(P.read_pixel_csv(no_header, spec), x)
 
 
 def _csv(tmp_path, rows: list[list[str]], header=True) -> Path:
@@ -595,17 +604,33 @@ def _csv(tmp_path, rows: list[list[str]], header=True) -> Path:
 def test_pixel_csv_errors_name_the_line(tmp_path, bad_row, message):
     path = _csv(tmp_path, [["7"] * 784, bad_row, ["1"] * 784])
     with pytest.raises(D.DataError) as e:
-        D.read_pixel_csv(path, D.DATASETS["mnist"])
+        P.read_pixel_csv(path, R.DATASETS["mnist"])
     assert str(e.value) == f"{path}, {message}"
+
+
+@pytest.mark.parametrize("bad", ["x", "0.5"])
+def test_pixel_csv_single_row_with_a_bad_value_is_not_a_header(tmp_path, bad):
+    """A one-row file whose row holds a non-integer is a bad data row, named, not a header."""
+    path = _csv(tmp_path, [["3"] * 100 + [bad] + ["3"] * 683], header=False)
+    with pytest.raises(D.DataError) as e:
+        P.read_pixel_csv(path, R.DATASETS["mnist"])
+    assert str(e.value) == f"{path}, line 1, column 101: {bad!r} is not an integer 0-255"
+
+
+def test_pixel_csv_binary_file_is_named(tmp_path):
+    path = tmp_path / "image.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00")
+    with pytest.raises(D.DataError, match="not a text \\(UTF-8\\) CSV file"):
+        P.read_pixel_csv(path, R.DATASETS["mnist"])
 
 
 def test_pixel_csv_empty(tmp_path):
     empty = tmp_path / "e.csv"
     empty.write_text("")
     with pytest.raises(D.DataError, match="no image rows"):
-        D.read_pixel_csv(empty, D.DATASETS["mnist"])
-    with pytest.raises(D.DataError, match="no image rows"):
-        D.read_pixel_csv(_csv(tmp_path, []), D.DATASETS["mnist"])
+        P.read_pixel_csv(empty, R.DATASETS["mnist"])
+    with pytest.raises(D.DataError, match="no image rows \\(only a header\\)"):
+        P.read_pixel_csv(_csv(tmp_path, []), R.DATASETS["mnist"])
 
 
 # ---------------------------------------------------------------------------------------------

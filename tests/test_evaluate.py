@@ -3,7 +3,7 @@ import torch
 from sklearn.metrics import accuracy_score, f1_score
 
 from normres.evaluate import classification_metrics, confusion_matrix
-from normres.train import EvalResult
+from normres.evaluate import EvalResult
 
 
 def result(pred):

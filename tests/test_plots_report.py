@@ -165,7 +165,7 @@ def test_curves_both_splits_and_labels_with_depth(results):
     fig = plots.curves(results["histories"].query("study == 'cifar_depth'"), "accuracy")
     axes = _data_axes(fig)
     assert [ax.get_title() for ax in axes] == ["val split", "test split"]
-    assert {"bn n=1", "bn n=2", "ln n=1", "ln n=2"} == set(_legend_texts(fig))
+    assert {"bn depth 1", "bn depth 2", "ln depth 1", "ln depth 2"} == set(_legend_texts(fig))
     # two seeds: a ±1 std band per line
     assert all(len(ax.collections) == 4 for ax in axes)
 
@@ -182,7 +182,7 @@ def test_feature_percentiles_one_panel_per_condition(results):
     fig = plots.feature_percentiles(depth, title="features")
     axes = _data_axes(fig)
     assert fig.get_suptitle() == "features"
-    assert sorted(ax.get_title() for ax in axes) == ["bn n=1", "bn n=2", "ln n=1", "ln n=2"]
+    assert sorted(ax.get_title() for ax in axes) == ["bn depth 1", "bn depth 2", "ln depth 1", "ln depth 2"]
     assert all(len(ax.lines) == 4 for ax in axes)
     assert set(_legend_texts(fig)) == {"p1", "p20", "p80", "p99"}
     batch = plots.feature_percentiles(
@@ -191,14 +191,17 @@ def test_feature_percentiles_one_panel_per_condition(results):
     assert "nn b=128 (1 diverged)" in [ax.get_title() for ax in batch.axes]
 
 
-def test_batch_size_effect(results):
-    fig = plots.batch_size_effect(results["runs"])
+def test_small_batch_error_against_batch_size_with_ci_bands(results):
+    fig = plots.small_batch(results["runs"].query("study == 'cifar_batch'"))
     (ax,) = _data_axes(fig)
-    assert fig.get_suptitle() and ax.get_xlabel() == "batch size" and ax.get_xscale() == "log"
-    labels = _legend_texts(fig)
-    # depth study runs only b=128, so only the batch study's norms get lines
-    assert {"bn", "gn", "nn (1 diverged)", "diverged run"} == set(labels)
+    assert fig.get_suptitle() and ax.get_xlabel().startswith("batch size") and ax.get_xscale() == "log"
+    assert "test error" in ax.get_ylabel()
+    assert {"bn", "gn", "nn", "diverged run"} == set(_legend_texts(fig))
     assert [t.get_text() for t in ax.get_xticklabels()] == ["8", "128"]
+    assert len(ax.collections) >= 2, "a 95% CI band per line with two seeds"
+    bn = results["runs"].query("study == 'cifar_batch' and norm == 'bn' and batch_size == 8")
+    line = next(line for line in ax.lines if line.get_label() == "bn")
+    assert line.get_ydata()[0] == pytest.approx(1 - bn["test_accuracy"].mean())
 
 
 def test_depth_effect_uses_6n_plus_2_and_skips_cnn(results):
@@ -218,7 +221,7 @@ def _all_text(fig: Figure) -> str:
 
 def test_effect_empty_states(results):
     single = results["runs"].query("batch_size == 128 and depth == 1")
-    fig = plots.batch_size_effect(single)
+    fig = plots.small_batch(single)
     assert "no norm was run at more than one batch size" in _all_text(fig)
     assert fig.get_suptitle()
     assert "more than one depth" in _all_text(plots.depth_effect(single))
@@ -292,19 +295,71 @@ def test_misclassified_grid_cells_and_empty_states(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def standard_figures(results, tmp_path_factory) -> dict:
+def tables(results) -> plots.Tables:
+    from normres.significance import compare
+
+    runs = results["runs"].copy()
+    rng = np.random.default_rng(3)
+    running = runs["norm"].isin(["bn"])  # the layers with running statistics
+    runs["test_precise_accuracy"] = np.where(running, runs["test_accuracy"] + 0.01, np.nan)
+    runs["test_batch_accuracy"] = np.where(running, runs["test_accuracy"] - 0.05, np.nan)
+    rows = []
+    for r in runs.itertuples():
+        for corruption in ("gaussian_noise", "contrast"):
+            for severity in (0, 1, 3, 5):
+                if severity == 0 and corruption != "gaussian_noise":
+                    continue
+                name = "clean" if severity == 0 else corruption
+                for adapted in (False, True) if r.norm == "bn" else (False,):
+                    acc = max(0.1, r.test_accuracy - 0.1 * severity + (0.05 if adapted else 0) + rng.uniform(0, 0.01)) if r.status == "completed" else np.nan
+                    rows.append({**{k: getattr(r, k) for k in ("study", "dataset", "model", "norm", "depth", "batch_size", "seed", "status")},
+                                 "corruption": name, "severity": severity, "adapted": adapted, "accuracy": acc, "loss": 1.0, "images": 100})
+    robustness = pd.DataFrame(rows)
+    comparisons = compare(runs, {"cifar_batch": "bn", "cifar_depth": "bn"})
+    return plots.Tables(runs, results["summary"], results["histories"], robustness, comparisons)
+
+
+@pytest.fixture(scope="module")
+def standard_figures(tables, tmp_path_factory) -> dict:
+    """Every registry figure for both studies (and the ones across studies)."""
+    from normres.registry import FIGURES
+
     out = tmp_path_factory.mktemp("figures")
-    return plots.study_figures(results["histories"], results["runs"], results["summary"], out)
+    wanted = [(f.name, None, out / f"{f.name}.png") for f in FIGURES.values() if f.scope == "all"]
+    wanted += [(f.name, s, out / f"{s}_{f.name}.png") for f in FIGURES.values() if f.scope == "study"
+               for s in ("cifar_batch", "cifar_depth")]
+    return plots.draw_figures(tables, wanted)
 
 
-def test_study_figures_writes_standard_set(standard_figures):
-    paths = standard_figures
-    assert list(paths) == plots.figure_names(["cifar_depth", "cifar_batch"])
-    for name, path in paths.items():
+def test_every_registry_figure_is_drawn(standard_figures):
+    from normres.registry import FIGURES
+
+    per_study = [f.name for f in FIGURES.values() if f.scope == "study"]
+    assert len(standard_figures) == 2 * len(per_study) + len(FIGURES) - len(per_study)
+    for name, path in standard_figures.items():
         assert path.name == f"{name}.png"
         _check_png(path)
-    with pytest.raises(ValueError, match="file name"):
-        plots.figure_names(["a/b"])
+
+
+def test_bn_statistics_figure_has_three_bars_per_condition(tables):
+    fig = plots.bn_statistics(tables.runs.query("study == 'cifar_batch'"))
+    (ax,) = _data_axes(fig)
+    assert set(_legend_texts(fig)) == {"EMA (as trained)", "PreciseBN", "test-batch statistics"}
+    assert len([p for p in ax.patches if p.get_height() > 0]) == 3 * 2  # bn at batch 8 and 128
+    none = plots.bn_statistics(tables.runs.query("norm == 'gn'"))
+    assert "no completed run of a layer with running statistics" in _all_text(none)
+
+
+def test_robustness_figures(tables):
+    fig = plots.robustness_severity(tables.robustness.query("study == 'cifar_batch'"))
+    (ax,) = _data_axes(fig)
+    labels = set(_legend_texts(fig))
+    assert {"bn b=8", "bn b=8 (adapted)", "gn b=8"} <= labels and "gn b=8 (adapted)" not in labels
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["clean", "1", "3", "5"]
+    heat = plots.robustness_heatmap(tables.robustness.query("study == 'cifar_batch'"))
+    image = heat.axes[0].images[0].get_array()
+    assert image.shape == (3, 6)  # two corruptions and their mean, 3 norms x 2 batch sizes
+    assert "no robustness results" in _all_text(plots.robustness_heatmap(tables.robustness.iloc[0:0]))
 
 
 def _record(commit: str, torch_version: str, seconds: float, finished: str) -> dict:
@@ -341,7 +396,7 @@ def test_report_is_self_contained_and_escaped(results, standard_figures, tmp_pat
     evil = "<script>alert(1)</script>"
     runs.loc[runs["norm"] == "ln", "norm"] = evil
     summary.loc[summary["norm"] == "ln", "norm"] = evil
-    figures = dict(standard_figures)
+    figures = {name: path for name, path in standard_figures.items()}
     rng = np.random.default_rng(2)
     grid = plots.misclassified_grid(
         rng.integers(0, 256, (4, 1, 8, 8), dtype=np.uint8),
@@ -358,6 +413,7 @@ def test_report_is_self_contained_and_escaped(results, standard_figures, tmp_pat
     }
 
     out = report.build_report(runs, summary, figures, prov, setup, tmp_path / "out" / "report.html")
+    assert "Study cifar_batch. Loss per epoch" in out.read_text(encoding="utf-8")  # captions of normres.captions
     text = out.read_text(encoding="utf-8")
     assert list(out.parent.iterdir()) == [out], "one file, no temporaries"
 

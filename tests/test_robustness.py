@@ -13,7 +13,8 @@ import torch
 
 from normres.evaluate import predict_csv
 from normres.io import UnsafeFileError, atomic_path, load_torch
-from normres.train import load_model, train_run
+from normres.models import load_model
+from normres.train import train_run
 
 from conftest import make_prepared, settings_for
 

@@ -53,9 +53,10 @@ def metrics_table(metrics_csv: str | Path) -> dict[str, float]:
 
 
 def robustness_table(robustness_csv: str | Path) -> dict[str, float]:
-    """Mean accuracy over every corruption and severity of a run's robustness.csv, before and after
-    adaptation (NaN where the run has no adapted rows)."""
+    """Mean accuracy over every corruption and severity of a run's robustness.csv (the clean rows
+    left out), before and after adaptation (NaN where the run has no adapted rows)."""
     df = read_table(robustness_csv, ROBUSTNESS_COLUMNS, "robustness file")
+    df = df[df["severity"] > 0]  # severity 0: the same images clean, for reference
     adapted = df["adapted"].astype(str).str.lower().isin(["true", "1"])
     return {
         "corruption_accuracy": float(df.loc[~adapted, "accuracy"].mean()) if (~adapted).any() else np.nan,

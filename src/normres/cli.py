@@ -149,8 +149,6 @@ def _shorthand_study(args: argparse.Namespace) -> dict[str, Any]:
     depth = 1 if R.get_model(study["model"]).fixed_depth else (args.depth or 2)
     study.update(grid=[{"norm": [args.norm], "depth": [depth], "batch_size": [args.batch_size or 128]}],
                  seeds=[args.seed or 0])  # fmt: skip
-    if study["dataset"] != base["dataset"]:  # the earlier protocol's input scaling is CIFAR's
-        study.pop("val_size", None) if args.val_size is None else None
     return study
 
 

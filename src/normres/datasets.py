@@ -24,7 +24,6 @@ import tarfile
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
-from functools import cached_property
 from pathlib import Path
 from typing import IO, Any
 
@@ -81,6 +80,7 @@ class DatasetFiles:
     dataset: R.DatasetDef
     files: tuple[RawFile, ...]
     archive: RawFile | None = None  # a .tar.gz holding `raw_dir/<file>` for every file (CIFAR-10)
+    parser: type | None = None  # the torchvision class, if not the registry's (tests: tiny files)
 
     @property
     def name(self) -> str:
@@ -94,10 +94,12 @@ class DatasetFiles:
     def mirror_dirs(self) -> tuple[str, ...]:
         return self.dataset.mirror_dirs
 
-    @cached_property
+    @property
     def torchvision_class(self) -> type:
         """The torchvision dataset class, imported on use: ``torchvision.datasets`` pulls in
         ``torch._dynamo`` (~3 s), which training jobs never need."""
+        if self.parser is not None:
+            return self.parser
         import torchvision.datasets
 
         return getattr(torchvision.datasets, self.dataset.torchvision_class)

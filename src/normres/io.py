@@ -14,7 +14,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-import zipfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from importlib import metadata
@@ -80,15 +79,21 @@ def load_torch(path: str | Path, what: str = "file") -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "Weights only load failed" in str(exc) and zipfile.is_zipfile(path):
+        if "Weights only load failed" in str(exc) and _starts_as_zip(path):
             raise UnsafeFileError(
                 f"refusing to load {what} {path}: it is not a plain weights file (it carries objects "
                 f"that would run code when unpickled: {_first_reason(exc)})"
             ) from None
         raise UnsafeFileError(f"{what} {path} is not a torch file written by normres ({_first_reason(exc)})") from None
     except Exception as exc:  # text, truncated archives, other formats: torch raises many kinds
-        kind = "truncated or not a torch file" if zipfile.is_zipfile(path) else "not a torch file (no zip archive)"
+        kind = "truncated or not a torch file" if _starts_as_zip(path) else "not a torch file (no zip archive)"
         raise UnsafeFileError(f"{what} {path} is {kind}: {type(exc).__name__}: {exc}") from None
+
+
+def _starts_as_zip(path: Path) -> bool:
+    """Whether the file begins like the zip archive torch.save writes (a truncated one too)."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
 
 
 def _first_reason(exc: BaseException) -> str:

@@ -1,5 +1,6 @@
 # Helpers shared by every rule: config validation, wildcard constraints and input functions.
 import re
+import sys
 from pathlib import Path
 
 from snakemake.io import report as for_report  # `report` starts a directive at the start of a line
@@ -7,13 +8,17 @@ from snakemake.io import report as for_report  # `report` starts a directive at 
 from normres import registry as R
 from normres.captions import caption_path
 from normres.config import RunSpec, run_dir, validate_config
+from normres.errors import USER_ERRORS
 
 
-# Validate before any job starts: one message naming the key, the bad value and what is allowed.
-# User layers' file paths are relative to the config file that names them.
-CONFIG = validate_config(
-    config, Path(workflow.configfiles[-1]).parent if workflow.configfiles else Path(".")
-)
+# Validate before any job starts: one message naming the key, the bad value and what is allowed
+# (and nothing else: no traceback). User layers' paths are relative to the config file naming them.
+try:
+    CONFIG = validate_config(
+        config, Path(workflow.configfiles[-1]).parent if workflow.configfiles else Path(".")
+    )
+except USER_ERRORS as exc:
+    sys.exit(str(exc))
 RUNS = CONFIG.runs()
 
 
