@@ -7,7 +7,7 @@ CORES     ?= 2
 # Debian packages the project uses: the real Fashion-MNIST (the offline demo's data).
 DEBIAN_PACKAGES := dataset-fashion-mnist
 
-.PHONY: setup debian demo test lint bench bench-quick lock clean
+.PHONY: setup debian demo test lint bench bench-quick gpu-check lock clean
 
 setup: $(VENV)/.installed debian
 
@@ -44,6 +44,10 @@ bench: setup
 
 bench-quick: setup
 	$(PY) benchmarks/bench.py --quick
+
+# The first run on a GPU machine: device, tests/test_gpu.py, host syncs, epoch timings (< 10 min).
+gpu-check: setup
+	$(PY) benchmarks/gpu_check.py
 
 # Regenerate the exact pins from the current environment.
 lock:

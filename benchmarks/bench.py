@@ -6,8 +6,9 @@ What is measured, on the machine it runs on (CPU unless a GPU is present for the
   batch of 128 random 32x32x3 images already in memory, with 2 threads, in PyTorch's default NCHW
   layout. normres trains in channels_last (``normres.models``), which is faster on these CPUs: the
   same step in that layout is reported beside the floor;
-* **eager norms**: the same step with each hand-written norm, relative to ``torch_bn`` in the same
-  (channels_last) layout (target <= 1.3);
+* **eager norms**: the same step with each of normres's own layers (the classic hand-written ones
+  and the literature's: every registry layer but ``torch_bn`` and ``nn``), relative to ``torch_bn`` in
+  the same (channels_last) layout (target <= 1.3);
 * **compiled**: the step under ``torch.compile`` for every norm, relative to the eager floor
   (target <= 0.95) and, for information, to eager ``torch_bn`` in channels_last; compile time
   reported separately (cold: the benchmark compiles into an empty
@@ -18,13 +19,17 @@ What is measured, on the machine it runs on (CPU unless a GPU is present for the
   the channels_last step's time (both measured before and after the job, as the load of these
   machines drifts); the same job's **peak RSS** (target <= 1.5 GB);
 * **parallel jobs**: two ``threads=1`` training jobs at once against one alone (target >= 1.7x);
+* **small batches**: images/s of the real train loop (:func:`normres.train.train_one_epoch`, crop +
+  flip, 2 threads) for ResNet-14 at batch 8 and 2 relative to batch 128, for torch_bn and gn
+  (targets >= 0.4 and >= 0.15);
 * **workflow overhead**: ``snakemake -n`` of the full default study, and a rerun with nothing to do
   of a study with the default study's every run, rule and figure, but tiny jobs on Fashion-MNIST
   (trained first, for real; target <= 5 s each);
 * **GPU** (only where CUDA is available): ResNet-14 epoch seconds with data and augmentation on the GPU.
 
-Step timings are interleaved across variants and reported as medians over rounds, because these
-machines are noisy. ``--quick`` shrinks everything so that CI can check that the benchmark works; its
+Every row says which device it measured: the CPU rows start their jobs with ``--device cpu``, also on
+a machine with a GPU. Step timings are interleaved across variants and reported as medians over
+rounds, because these machines are noisy. ``--quick`` shrinks everything so that CI can check that the benchmark works; its
 ratios are indicative only.
 
     python benchmarks/bench.py            # the full benchmark (~10 min on 2 cores)
@@ -50,12 +55,13 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from normres import registry as R
 from normres.models import build_model, set_memory_format
-from normres.norms import clamp_gates_
+from normres.norms import clamp_gates_, gate_parameters
 
 REPO = Path(__file__).resolve().parents[1]
-HAND_WRITTEN = ["bn", "in", "ln", "gn", "bin"]
-NORM_OPTIONS = {"gn": {"groups": 8}}
+OWN = [n for n in R.NORMS if n not in ("torch_bn", "nn")]  # normres's own layers, classic and literature
+NORM_OPTIONS = {"gn": {"groups": 8}, "evonorm_s0": {"groups": 8}}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -72,12 +78,13 @@ def make_step(norm: str, batch: int, compiled: bool = False, nchw: bool = False)
     forward = torch.compile(model) if compiled else model
     x = torch.randn(batch, 3, 32, 32)
     y = torch.randint(0, 10, (batch,))
+    gates = gate_parameters(model)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(forward(x), y).backward()
         opt.step()
-        clamp_gates_(model)
+        clamp_gates_(gates)
 
     t0 = time.perf_counter()
     step()  # first call: compilation (compiled) or allocator warm-up (eager)
@@ -122,16 +129,33 @@ def synthetic_cifar(path: Path, n_train: int, n_test: int) -> Path:
     return path
 
 
-def train_job(resources: Path, out: Path, threads: int, val_size: int, subset: int | None, device=None):
-    """Start one ``normres train`` job (CIFAR protocol, 1 epoch) as the workflow would."""
+def train_job(resources: Path, out: Path, threads: int, val_size: int, subset: int | None, device: str):
+    """Start one ``normres train`` job (CIFAR protocol, 1 epoch) on ``device`` as the workflow would."""
     cmd = [sys.executable, "-m", "normres.cli", "train", "--dataset", "cifar10", "--model", "resnet",
-           "--norm", "torch_bn", "--depth", "2", "--epochs", "1", "--batch-size", "128",
+           "--norm", "torch_bn", "--depth", "2", "--epochs", "1", "--batch-size", "128", "--device", device,
            "--val-size", str(val_size), "--threads", str(threads), "--resources", str(resources), "--out", str(out)]  # fmt: skip
     if subset:
         cmd += ["--train-subset", str(subset)]
-    if device:
-        cmd += ["--device", device]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def small_batch_images_per_s(norm: str, batch: int, images: int, rounds: int) -> float:
+    """Best images/s over ``rounds`` epochs of the real train loop (crop + flip, 2 threads) on random
+    CIFAR-shaped uint8 images, ResNet-14 in channels_last."""
+    from normres.augment import Augmentation
+    from normres.config import OptimizerSettings
+    from normres.train import make_optimizer, train_one_epoch
+
+    torch.manual_seed(0)
+    model = build_model("resnet", norm, 2, 3, 10, NORM_OPTIONS.get(norm, {}))
+    opt = make_optimizer(model, OptimizerSettings("sgd", 0.01, 0.9, False, 1e-4, 10.0))
+    aug = Augmentation(mean=(0.5,) * 3, std=(0.25,) * 3, crop_pad=4, flip=True)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (images, 3, 32, 32), dtype=torch.uint8, generator=g)
+    y = torch.arange(images) % 10
+    train_one_epoch(model, opt, x[: 4 * batch], y[: 4 * batch], batch, aug, torch.Generator().manual_seed(0))  # warm-up
+    epochs = [train_one_epoch(model, opt, x, y, batch, aug, torch.Generator().manual_seed(r)) for r in range(rounds)]
+    return max(e.images / e.seconds for e in epochs)
 
 
 def finish(proc: subprocess.Popen, out: Path) -> pd.Series:
@@ -159,7 +183,7 @@ def default_study_shaped(config_path: Path) -> dict:
     config = yaml.safe_load(config_path.read_text())
     config["data"] = {"mirrors": [], "download": False}
     for study in config["studies"].values():
-        study.update(dataset="fashion_mnist", epochs=1, val_size=64, train_subset=128, test_subset=128)
+        study.update(dataset="fashion_mnist", epochs=1, val_size=64, train_subset=128, test_subset=128, protocol=None)
         study["schedule"] = {"name": "constant"}
         study["eval_test_every_epoch"] = False
     return config
@@ -191,8 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(2)
     rows: list[tuple[str, float, str, float | None, bool | None]] = []  # name, value, target text, ratio, ok
 
-    def add(name, value, target_text="", ratio=None, ok=None):
+    def add(name, value, target_text="", ratio=None, ok=None, device="cpu"):
         value, ratio, ok = float(value), None if ratio is None else float(ratio), None if ok is None else bool(ok)
+        name = f"[{device}] {name}"
         rows.append((name, value, target_text, ratio, ok))
         print(f"  {name}: {value:.3f}" + (f"  (ratio {ratio:.2f}, target {target_text})" if ratio is not None else ""), flush=True)
 
@@ -201,14 +226,14 @@ def main(argv: list[str] | None = None) -> int:
 
     # 1. floor (NCHW) and every norm eager as trained (channels_last), interleaved
     eager = {"floor": make_step("torch_bn", batch, nchw=True)[0]}
-    eager |= {norm: make_step(norm, batch)[0] for norm in ["torch_bn", "nn", *HAND_WRITTEN]}
+    eager |= {norm: make_step(norm, batch)[0] for norm in ["torch_bn", "nn", *OWN]}
     t = interleaved(eager, rounds, reps)
     floor = statistics.median(t["floor"])
     step_cl = statistics.median(t["torch_bn"])
     add("floor: torch_bn eager NCHW img/s", batch / floor)
     add("torch_bn eager channels_last img/s", batch / step_cl)
     add("no norm eager channels_last img/s", batch / statistics.median(t["nn"]))
-    for norm in HAND_WRITTEN:
+    for norm in OWN:
         r = ratio_to(t, norm, "torch_bn")
         add(f"eager {norm} step / torch_bn step", r, "<= 1.30", r, r <= 1.30)
 
@@ -216,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="normres-bench-"))
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(work / "inductor-cache")
     try:
-        for norm in [] if args.no_compile else ["torch_bn", *HAND_WRITTEN, "nn"][: 2 if quick else None]:
+        for norm in [] if args.no_compile else ["torch_bn", *OWN, "nn"][: 2 if quick else None]:
             step, compile_s = make_step(norm, batch, compiled=True)
             tc = interleaved({"compiled": step, "floor": eager["floor"], "torch_bn": eager["torch_bn"]}, rounds, reps)
             r = ratio_to(tc, "compiled", "floor")
@@ -230,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         synthetic_cifar(resources / "cifar10" / "data.pt", n_train, 10000 if not quick else 1000)
 
         # 3. end-to-end epoch + peak RSS of one CIFAR-shaped job (2 threads)
-        hist, rss = peak_rss_gb(lambda: finish(train_job(resources, work / "e2e", 2, val, None), work / "e2e"))
+        hist, rss = peak_rss_gb(lambda: finish(train_job(resources, work / "e2e", 2, val, None, "cpu"), work / "e2e"))
         images = n_train - val
         after = interleaved({k: eager[k] for k in ("floor", "torch_bn")}, rounds, reps)
         floor_e2e = statistics.median(t["floor"] + after["floor"])
@@ -243,11 +268,20 @@ def main(argv: list[str] | None = None) -> int:
 
         # 4. two threads=1 jobs at once vs one alone (train images/s from their histories)
         subset = 1280 if quick else 10240
-        alone = finish(train_job(resources, work / "alone", 1, val, subset), work / "alone")["images_per_s"]
-        procs = [(train_job(resources, work / f"par{i}", 1, val, subset), work / f"par{i}") for i in range(2)]
+        alone = finish(train_job(resources, work / "alone", 1, val, subset, "cpu"), work / "alone")["images_per_s"]
+        procs = [(train_job(resources, work / f"par{i}", 1, val, subset, "cpu"), work / f"par{i}") for i in range(2)]
         together = sum(finish(p, out)["images_per_s"] for p, out in procs)
         r = together / alone
         add("two 1-thread jobs / one job (img/s)", r, ">= 1.70", r, r >= 1.70)
+
+        # 4b. small batches: the train loop's images/s at batch 8 and 2 against batch 128
+        for norm in ("torch_bn", "gn"):
+            speed = {b: small_batch_images_per_s(norm, b, n, 1 if quick else 3)
+                     for b, n in ((128, 256 if quick else 1280), (8, 64 if quick else 320), (2, 24 if quick else 120))}  # fmt: skip
+            add(f"{norm} ResNet-14 train loop img/s at batch 128", speed[128])
+            for b, target in ((8, 0.4), (2, 0.15)):
+                r = speed[b] / speed[128]
+                add(f"{norm} ResNet-14 train loop at batch {b} / batch 128 (img/s)", speed[b], f">= {target}", r, r >= target)
 
         # 5. workflow overhead: dry run of the full default study; rerun with nothing to do
         dry = snakemake_seconds(["-n", "--cores", "2", "--quiet", "rules"], REPO)
@@ -258,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
             for name in ("Snakefile", "config.yaml"):
                 shutil.copy(REPO / name, wd / name)
             shutil.copytree(REPO / "workflow", wd / "workflow", symlinks=True)
+            shutil.copytree(REPO / "examples", wd / "examples")
             (wd / "shaped.yaml").write_text(yaml.safe_dump(default_study_shaped(REPO / "config.yaml")))
             t0 = time.perf_counter()
             snakemake_seconds(["--cores", "2", "--configfile", "shaped.yaml"], wd)
@@ -268,8 +303,8 @@ def main(argv: list[str] | None = None) -> int:
 
         # 6. GPU, where there is one
         if torch.cuda.is_available():
-            hist = finish(train_job(resources, work / "gpu", 8, val, None, device="cuda"), work / "gpu")
-            add(f"GPU ResNet-14 epoch seconds ({torch.cuda.get_device_name()})", hist["seconds"])
+            hist = finish(train_job(resources, work / "gpu", 8, val, None, "cuda"), work / "gpu")
+            add(f"ResNet-14 epoch seconds ({torch.cuda.get_device_name()})", hist["seconds"], device="cuda")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
