@@ -1,6 +1,9 @@
-"""The fused implementation shared by the hand-written norms (``bn``, ``in``, ``ln``, ``gn``, ``bin``).
+"""The fused implementation shared by the hand-written norms (``bn``, ``in``, ``ln``, ``gn``, ``bin``,
+and from :mod:`normres.norms.literature` ``brn``, ``gbn`` and ``frn``).
 
-They differ only in which (sample, channel) slabs are pooled into one set of statistics:
+They differ only in which (sample, channel) slabs are pooled into one set of statistics (ghost batch
+norm pools the slabs of each group of samples; filter response norm takes each slab's mean square,
+uncentred), and in an optional per-channel threshold after the affine (FRN's TLU):
 
 * forward: per-(n, c) moments over (H, W) (on CPUs a sum and a sum of squares, one cheap pass each,
   because ``torch.var_mean`` is ~25x slower there; ``torch.var_mean`` on GPUs), pooled into the
@@ -41,6 +44,10 @@ BATCH = "batch"  # per channel, over (N, H, W)
 BATCH_FIXED = "batch_fixed"  # per channel, running statistics (constants w.r.t. x)
 INSTANCE = "instance"  # per (n, c), over (H, W)
 GROUP = "group"  # per (n, group), over (C / G, H, W); LN is one group
+GHOST = "ghost"  # per (ghost batch, c), over (samples of the ghost batch, H, W)
+INSTANCE_RMS = "instance_rms"  # per (n, c), the mean square over (H, W) (no centring: FRN)
+
+_UNCENTRED = (INSTANCE_RMS,)  # kinds whose mean is 0 by definition (no mean term in backward)
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,13 +116,114 @@ def moments(x: Tensor) -> tuple[Tensor, Tensor]:
         return _slab_moments(x)
 
 
+def differentiable_moments(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-(n, c) (var, mean) of ``x``, each (N, C), that autograd differentiates.
+
+    For layers whose output is no per-(n, c) affine of x (EvoNorm): their statistics go through a
+    small graph of (N, C) ops that autograd handles, and this function carries the gradient back to
+    x analytically in one pass. While compiling, one ``var_mean``.
+    """
+    if compiling():
+        return torch.var_mean(x.to(stats_dtype(x)), dim=(2, 3), correction=0)
+    return _MomentsFunction.apply(x)
+
+
+class _MomentsFunction(torch.autograd.Function):
+    """(var, mean) per (n, c) over (H, W); backward
+    dx = (d_mean + 2 * d_var * (x - mean)) / (H * W), as x * B + C with per-(n, c) B and C."""
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[override]
+        var, mean = _slab_moments(x)
+        ctx.save_for_backward(x, mean)
+        return var, mean
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_var, d_mean):  # type: ignore[override]
+        x, mean = ctx.saved_tensors
+        n, c, h, w = x.shape
+        d_var = torch.zeros_like(mean) if d_var is None else d_var
+        d_mean = torch.zeros_like(mean) if d_mean is None else d_mean
+        coef_b = (2.0 / (h * w)) * d_var  # (N, C)
+        coef_c = d_mean / (h * w) - coef_b * mean
+        dx = torch.mul(x, coef_b.view(n, c, 1, 1)).add_(coef_c.view(n, c, 1, 1))  # float32 for half x
+        return dx.to(x.dtype) if dx.dtype != x.dtype else dx
+
+
+def scale_shift(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """``x * scale + shift`` with per-(n, c) or per-channel ``scale`` and ``shift`` (each (N|1, C),
+    any autograd graph behind them), in x's layout and dtype; computed in the statistics dtype.
+
+    Eager: one function with the backward written out (dx = dy * scale; d_scale and d_shift from
+    the per-(n, c) sums of dy * x and dy); while compiling, plain ops.
+    """
+    if compiling():
+        c = x.shape[1]
+        return (x * scale.view(-1, c, 1, 1) + shift.view(-1, c, 1, 1)).to(x.dtype)
+    return _ScaleShiftFunction.apply(x, scale, shift)
+
+
+class _ScaleShiftFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, shift):  # type: ignore[override]
+        c = x.shape[1]
+        y = torch.mul(x, scale.view(-1, c, 1, 1)).add_(shift.view(-1, c, 1, 1))  # (N, C, H, W)
+        ctx.save_for_backward(x, scale, shift)
+        return y.to(x.dtype) if y.dtype != x.dtype else y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):  # type: ignore[override]
+        x, scale, shift = ctx.saved_tensors
+        c = x.shape[1]
+        dtype = scale.dtype
+        dy = dy.contiguous(memory_format=memory_format_of(x))
+        if dy.dtype != dtype:
+            x, dy = x.to(dtype), dy.to(dtype)
+        dx = d_scale = d_shift = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.mul(dy, scale.view(-1, c, 1, 1)).to(ctx.saved_tensors[0].dtype)
+        if ctx.needs_input_grad[1]:
+            d_scale = _reduce_to(torch.mul(dy, x).sum((2, 3)), scale.shape)
+        if ctx.needs_input_grad[2]:
+            d_shift = _reduce_to(dy.sum((2, 3)), shift.shape)
+        return dx, d_scale, d_shift
+
+
+def _reduce_to(t: Tensor, shape: torch.Size) -> Tensor:
+    """(N, C) per-(n, c) sums reduced to ``shape``: (N, C) as they are, (1, C) or (C,) summed over n."""
+    if t.shape == shape:
+        return t
+    return t.sum(0).view(shape)
+
+
+def mean_squares(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-(n, c) mean of x^2 over (H, W) and a zero mean, each (N, C): the uncentred statistics of
+    :data:`INSTANCE_RMS`, in the (var, mean) form of :func:`moments`.
+
+    One pass over x (no mean is needed). Eager: constants to autograd; while compiling, plain ops.
+    """
+    dtype = stats_dtype(x)
+    hw = x.shape[2] * x.shape[3]
+    if compiling():
+        nu2 = x.to(dtype).square().mean((2, 3))
+    else:
+        with torch.no_grad():
+            nu2 = _sum_squares_hw(x if x.dtype == dtype else x.to(dtype)).div_(hw)
+    return nu2, torch.zeros_like(nu2)
+
+
 def pool(var: Tensor, mean: Tensor, kind: str, averaging: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Pool per-(n, c) moments into the statistics of a grouping (law of total variance).
 
     Returns (var, mean) shaped to broadcast against (N, C): (1, C) for batch pooling, (N, C)
-    otherwise. All slabs have the same H*W, so pooled moments are plain averages.
+    otherwise. All slabs have the same H*W, so pooled moments are plain averages. For
+    :data:`GHOST`, ``averaging`` is the (N, N) matrix of :func:`ghost_averaging_matrix`; for
+    :data:`GROUP`, the (C, C) one of :func:`group_averaging_matrix`. :data:`INSTANCE_RMS` takes
+    the output of :func:`mean_squares` as it is.
     """
-    if kind == INSTANCE:
+    if kind in (INSTANCE, INSTANCE_RMS):
         return var, mean
     if kind == BATCH:
         pooled_mean = mean.mean(0, keepdim=True)  # (1, C)
@@ -125,7 +233,34 @@ def pool(var: Tensor, mean: Tensor, kind: str, averaging: Tensor | None = None) 
         pooled_mean = _group_average(mean, averaging)  # (N, C)
         pooled_var = _group_average(var, averaging) + _group_average((mean - pooled_mean).square(), averaging)
         return pooled_var, pooled_mean
+    if kind == GHOST:
+        pooled_mean = _ghost_average(mean, averaging)  # (N, C)
+        pooled_var = _ghost_average(var, averaging) + _ghost_average((mean - pooled_mean).square(), averaging)
+        return pooled_var, pooled_mean
     raise AssertionError(f"unknown pooling {kind!r}")
+
+
+def ghost_sizes(batch: int, virtual_batch_size: int) -> list[int]:
+    """Sizes of the ghost batches of a batch: ``virtual_batch_size`` samples each, in order, and the
+    remainder (smaller) last."""
+    full, rest = divmod(batch, virtual_batch_size)
+    return [virtual_batch_size] * full + ([rest] if rest else [])
+
+
+def ghost_averaging_matrix(batch: int, virtual_batch_size: int, device=None) -> Tensor:
+    """(N, N) block-diagonal matrix: ``m @ t`` averages (N, C) values over each ghost batch's
+    samples (consecutive blocks of ``virtual_batch_size``; the last block may be smaller).
+
+    A matmul rather than a reshape, so that a smaller last ghost batch needs no special case.
+    """
+    ghost = torch.arange(batch, device=device) // virtual_batch_size  # (N,) ghost batch of each sample
+    same = ghost[:, None] == ghost[None, :]
+    return same.float() / same.sum(1, keepdim=True).float()
+
+
+def _ghost_average(t: Tensor, averaging: Tensor) -> Tensor:
+    """(N, C) values averaged over the samples of each ghost batch, broadcast back to (N, C)."""
+    return averaging.to(t.dtype) @ t
 
 
 def group_averaging_matrix(num_channels: int, groups: int) -> Tensor:
@@ -148,10 +283,12 @@ def _group_average(t: Tensor, averaging: Tensor) -> Tensor:
 def _group_mean(t: Tensor, kind: str, averaging: Tensor | None, shape: torch.Size) -> Tensor:
     """Sum per-(n, c) values over the slabs of each group, divided by the group's element count."""
     n, _, h, w = shape
-    if kind == INSTANCE:
+    if kind in (INSTANCE, INSTANCE_RMS):
         return t / (h * w)
     if kind == BATCH:
         return t.sum(0, keepdim=True) / (n * h * w)
+    if kind == GHOST:
+        return _ghost_average(t, averaging) / (h * w)
     return _group_average(t, averaging) / (h * w)  # slabs are averaged: divide by H*W only
 
 
@@ -171,21 +308,31 @@ class _FusedNormFunction(torch.autograd.Function):
     The statistics are passed in already computed (the caller also needs them for running
     averages) and must not require grad; their dependence on x is handled analytically in
     backward. ``rho`` is None for single-branch norms.
+
+    ``tau`` (per channel, or None) adds a thresholded linear unit, z = max(y, tau) (Singh &
+    Krishnan 2020's TLU), in the same pass; backward then recovers where y passed from the
+    output itself (z > tau), so no mask is stored and no extra tensor is kept alive (the next
+    layer keeps z anyway).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, rho, means, rstds, kinds, averaging):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, rho, means, rstds, kinds, averaging, tau=None):  # type: ignore[override]
         scale, shift = _fold_affine(weight, bias, rho, means, rstds)
         c = x.shape[1]
         # One mul and one in-place add: on CPUs addcmul with a broadcast first operand is not
         # vectorised and costs 2x. Half/bfloat16 inputs are scaled in float32 (promotion), since
         # x * a + b cancels badly in low precision when the mean is large.
         y = torch.mul(x, scale.view(-1, c, 1, 1)).add_(shift.view(-1, c, 1, 1))  # (N, C, H, W)
+        if tau is not None:
+            y = torch.maximum(y, tau.to(y.dtype).view(1, c, 1, 1), out=y)
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
         ctx.kinds, ctx.averaging = kinds, averaging
-        ctx.has_rho = rho is not None
-        ctx.save_for_backward(x, weight, rho if rho is not None else weight, *means, *rstds)
+        ctx.has_rho, ctx.has_tau = rho is not None, tau is not None
+        ctx.save_for_backward(
+            x, weight, rho if rho is not None else weight, tau if tau is not None else weight,
+            y if tau is not None else weight, *means, *rstds,
+        )  # fmt: skip
         return y
 
     @staticmethod
@@ -202,7 +349,10 @@ class _FusedNormFunction(torch.autograd.Function):
         # Fixed (running) statistics do not depend on x: only the A term remains.
         # Parameter gradients: d_bias = sum_n t1, d_weight = sum_n sum_k w_k * p_k,
         # d_rho = sum_n gamma * (p_batch - p_instance).
-        x, weight, rho, *stats = ctx.saved_tensors
+        # Uncentred statistics (FRN: mu = 0 by definition, no mean subtracted) have no G term: C = 0.
+        # A threshold z = max(y, tau) first masks dy to where y passed (z > tau); the rest of dy
+        # is tau's gradient.
+        x, weight, rho, tau, z, *stats = ctx.saved_tensors
         kinds, averaging = ctx.kinds, ctx.averaging
         means, rstds = stats[: len(kinds)], stats[len(kinds) :]
         if not ctx.has_rho:
@@ -213,6 +363,14 @@ class _FusedNormFunction(torch.autograd.Function):
         dy = dy.contiguous(memory_format=memory_format_of(x))  # buffers below follow x's layout
         if in_dtype != dtype:  # half / bfloat16: reduce and combine in float32
             x, dy = x.to(dtype), dy.to(dtype)
+        d_tau = None
+        if ctx.has_tau:
+            # z == tau (as rounded to z's dtype) where the threshold held; one buffer for both passes
+            passed = torch.sub(z.to(dtype), tau.to(in_dtype).to(dtype).view(1, c, 1, 1))
+            passed = torch.ops.aten.threshold_backward.grad_input(dy, passed, 0.0, grad_input=passed)
+            if ctx.needs_input_grad[8]:
+                d_tau = (dy.sum(dim=(0, 2, 3)) - passed.sum(dim=(0, 2, 3))).to(tau.dtype)
+            dy = passed  # (N, C, H, W): dy where y > tau, else 0
         t1 = dy.sum(dim=(2, 3))  # (N, C)
         # dy * x goes into the buffer that later holds dx: one allocation for backward.
         # (bmm/vecdot over an (N*C, H*W) view are no faster on CPUs, and bmm is 3x slower
@@ -231,11 +389,13 @@ class _FusedNormFunction(torch.autograd.Function):
             coef_a = a_k if coef_a is None else coef_a + a_k
             if kind == BATCH_FIXED:
                 continue
-            mean_g = _group_mean(gamma_k * t1, kind, averaging, x.shape)
             r_mean_gxh = _group_mean(gamma_k * p, kind, averaging, x.shape) * rstd  # r * H
             b_k = -rstd * r_mean_gxh
-            c_k = torch.addcmul(-mean_g, mean, r_mean_gxh).mul_(rstd)
             coef_b = b_k if coef_b is None else coef_b + b_k
+            if kind in _UNCENTRED:
+                continue
+            mean_g = _group_mean(gamma_k * t1, kind, averaging, x.shape)
+            c_k = torch.addcmul(-mean_g, mean, r_mean_gxh).mul_(rstd)
             coef_c = c_k if coef_c is None else coef_c + c_k
 
         dx = d_weight = d_bias = d_rho = None
@@ -245,7 +405,9 @@ class _FusedNormFunction(torch.autograd.Function):
                 dx = torch.mul(dy, a, out=buf)
             else:  # dx = x * B + C + dy * A, three passes over buf, no further allocation
                 dx = torch.mul(x, coef_b.view(-1, c, 1, 1), out=buf)
-                dx.add_(coef_c.view(-1, c, 1, 1)).addcmul_(dy, a)
+                if coef_c is not None:
+                    dx.add_(coef_c.view(-1, c, 1, 1))
+                dx.addcmul_(dy, a)
             if in_dtype != dtype:
                 dx = dx.to(in_dtype)
         if ctx.needs_input_grad[1]:
@@ -255,7 +417,7 @@ class _FusedNormFunction(torch.autograd.Function):
             d_bias = t1.sum(0).to(weight.dtype)
         if rho is not None and ctx.needs_input_grad[3]:
             d_rho = ((ps[0] - ps[1]).sum(0) * weight.to(dtype)).to(rho.dtype)
-        return dx, d_weight, d_bias, d_rho, None, None, None, None
+        return dx, d_weight, d_bias, d_rho, None, None, None, None, d_tau
 
 
 def _fold_affine(
@@ -291,30 +453,41 @@ def fused_norm(
     *,
     rho: Tensor | None = None,
     averaging: Tensor | None = None,
+    tau: Tensor | None = None,
 ) -> Tensor:
-    """Normalize ``x`` given (var, mean) per branch, each (N|1, C): y = x * a + b per (n, c).
+    """Normalize ``x`` given (var, mean) per branch, each (N|1, C): y = x * a + b per (n, c), then
+    z = max(y, tau) where a per-channel ``tau`` is given (TLU).
 
     Eager: :class:`_FusedNormFunction` with its analytic backward. While compiling, the same
     scale and shift from plain differentiable ops: the compiler generates and fuses the backward
     itself, which beats an opaque custom function it cannot fuse across.
     """
     if compiling():
-        return _composite_norm(x, weight, bias, stats, eps, rho)
+        return _composite_norm(x, weight, bias, stats, eps, rho, tau)
     with torch.no_grad():
         means = tuple(mean for _, mean in stats)
         rstds = tuple(torch.rsqrt(var + eps) for var, _ in stats)
-    return _FusedNormFunction.apply(x, weight, bias, rho, means, rstds, kinds, averaging)
+    return _FusedNormFunction.apply(x, weight, bias, rho, means, rstds, kinds, averaging, tau)
 
 
 def _composite_norm(
-    x: Tensor, weight: Tensor, bias: Tensor, stats: list[tuple[Tensor, Tensor]], eps: float, rho: Tensor | None
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    stats: list[tuple[Tensor, Tensor]],
+    eps: float | Tensor,
+    rho: Tensor | None,
+    tau: Tensor | None = None,
 ) -> Tensor:
     """The forward of :class:`_FusedNormFunction` from differentiable ops (statistics included)."""
     means = tuple(mean for _, mean in stats)
     rstds = tuple(torch.rsqrt(var + eps) for var, _ in stats)
     scale, shift = _fold_affine(weight, bias, rho, means, rstds)
     c = x.shape[1]
-    return (x * scale.view(-1, c, 1, 1) + shift.view(-1, c, 1, 1)).to(x.dtype)  # (N, C, H, W)
+    y = x * scale.view(-1, c, 1, 1) + shift.view(-1, c, 1, 1)  # (N, C, H, W)
+    if tau is not None:
+        y = torch.maximum(y, tau.to(y.dtype).view(1, c, 1, 1))
+    return y.to(x.dtype)
 
 
 
