@@ -1,0 +1,533 @@
+"""Five normalization layers of the literature after 2017: batch renormalization, ghost batch norm,
+filter response norm with its TLU, and EvoNorm-B0 and -S0. Their names, options and citations are
+in :mod:`normres.registry`.
+
+Batch renorm, ghost batch norm and FRN are per-(n, c) affine maps of x given their statistics, so
+they run on the fused function of :mod:`normres.norms.fused` (one pass for the per-(n, c) moments,
+one scale-and-shift, an analytic backward from per-(n, c) sums): batch renorm is batch norm with
+weight ``gamma * r`` and bias ``beta + gamma * d``; ghost batch norm pools the moments over groups
+of samples; FRN takes the mean square without centring and applies its TLU in the same pass.
+EvoNorm's output is no affine map of x: its statistics are plain autograd ops on (N, C) tensors
+between :func:`~normres.norms.fused.differentiable_moments` and an elementwise autograd function
+written out here (:class:`_EvoNormB0Function`, :class:`_EvoNormS0Function`).
+
+As the classic layers, every layer keeps its input's memory layout, computes its statistics in
+float32 (float64 for float64 input) also under autocast, and takes a composite form of plain ops
+while torch.compile traces (:func:`normres.norms.fused.compiling`). Layers with running statistics
+(``brn``, ``gbn``, ``evonorm_b0``) follow ``nn.BatchNorm2d``'s protocol: ``running_var``,
+``momentum`` (None: cumulative average), ``num_batches_tracked`` and ``reset_running_stats()``, so
+that PreciseBN and test-time adaptation (:mod:`normres.bnstats`) treat them as batch norm.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from normres.norms import fused
+from normres.norms.classic import DEFAULT_EPS, DEFAULT_MOMENTUM, _AffineNorm, _RunningStats
+from normres.norms.fused import (
+    BATCH,
+    GHOST,
+    GROUP,
+    INSTANCE_RMS,
+    check_input,
+    differentiable_moments,
+    float32_statistics,
+    fused_norm,
+    ghost_averaging_matrix,
+    ghost_sizes,
+    group_averaging_matrix,
+    mean_squares,
+    memory_format_of,
+    moments,
+    pool,
+    scale_shift,
+    stats_dtype,
+)
+from normres.registry import resolve_groups
+
+__all__ = ["BatchRenorm", "EvoNormB0", "EvoNormS0", "FilterResponseNorm", "GhostBatchNorm", "evonorm_groups"]
+
+
+# --------------------------------------------------------------------------------------------
+# batch renormalization and ghost batch norm: batch norm with other batch statistics
+
+
+class _BatchStatistics(_RunningStats):
+    """Batch norm's parameters, running statistics and eval mode (running mean and variance)."""
+
+    def _eval(self, x: Tensor) -> Tensor:
+        """A fixed per-channel affine from the running statistics (plain autograd ops)."""
+        var, mean = self._running_stats()
+        scale = self.weight * torch.rsqrt(var[0] + self.eps)  # (C,)
+        shift = self.bias - mean[0] * scale
+        return torch.mul(x, scale[:, None, None]).add_(shift[:, None, None]).to(x.dtype)
+
+    @torch.no_grad()
+    def _track(self, mean: Tensor, unbiased_var: Tensor) -> None:
+        """One update of the running averages with per-channel (C,) statistics, as nn.BatchNorm2d."""
+        self.num_batches_tracked.add_(1)
+        factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
+        self.running_var.lerp_(unbiased_var.to(self.running_var.dtype), factor)
+
+
+class BatchRenorm(_BatchStatistics):
+    """Batch renormalization (Ioffe 2017, "Batch Renormalization: Towards Reducing Minibatch
+    Dependence in Batch-Normalized Models", NeurIPS).
+
+    Training (Algorithm 1 of the paper), per channel over (N, H, W)::
+
+        sigma_B = sqrt(var_B + eps),  sigma = sqrt(running_var + eps)
+        r = clip(sigma_B / sigma, 1 / r_max, r_max),  d = clip((mu_B - running_mean) / sigma, -d_max, d_max)
+        y = gamma * ((x - mu_B) / sigma_B * r + d) + beta
+
+    with r and d constants to autograd (stop-gradient) and the running statistics those before this
+    batch's update. Eval: ``gamma * (x - running_mean) / sigma + beta``, which r and d make training
+    agree with. The running mean and unbiased variance are updated as batch norm's (``momentum``;
+    None: cumulative average). The paper keeps a running sigma instead of a variance; keeping
+    nn.BatchNorm2d's buffers lets PreciseBN recompute them like batch norm's.
+
+    The clipping follows the paper's schedule (section 4): r_max = 1, d_max = 0 (plain batch norm)
+    for ``warmup_steps`` = 5000 training steps, then raised linearly to ``r_max`` = 3 over
+    ``r_max_ramp_steps`` = 35000 steps (reached at step 40k) and to ``d_max`` = 5 over
+    ``d_max_ramp_steps`` = 20000 steps (reached at step 25k). The step count is the buffer
+    ``renorm_steps`` (training forward passes, saved with the model, so a resumed run continues the
+    schedule exactly); ``reset_running_stats()`` leaves it alone. Until running statistics exist
+    (``num_batches_tracked`` is 0: a new layer, or just after ``reset_running_stats()``, as in
+    PreciseBN) r = 1 and d = 0: there is nothing to correct towards yet.
+
+    Eager, the layer is batch norm's fused function with weight ``gamma * r`` and bias
+    ``beta + gamma * d`` (differentiable in gamma and beta); the schedule and the clipping are tensor
+    ops on the step buffer (no Python branch on data, no recompilation per step under torch.compile).
+    """
+
+    def __init__(
+        self,
+        num_channels: int,
+        *,
+        eps: float = DEFAULT_EPS,
+        momentum: float | None = DEFAULT_MOMENTUM,
+        r_max: float = 3.0,
+        d_max: float = 5.0,
+        warmup_steps: int = 5000,
+        r_max_ramp_steps: int = 35000,
+        d_max_ramp_steps: int = 20000,
+    ) -> None:
+        super().__init__(num_channels, eps, momentum)
+        self.r_max, self.d_max = r_max, d_max
+        self.warmup_steps = warmup_steps
+        self.r_max_ramp_steps, self.d_max_ramp_steps = r_max_ramp_steps, d_max_ramp_steps
+        self.register_buffer("renorm_steps", torch.tensor(0, dtype=torch.long))
+
+    def limits(self) -> tuple[Tensor, Tensor]:
+        """(r_max, d_max) for the next training step, each a 0-d float32 tensor (the schedule)."""
+        step = self.renorm_steps.float()
+        relax_r = _ramp(step, self.warmup_steps, self.r_max_ramp_steps)
+        relax_d = _ramp(step, self.warmup_steps, self.d_max_ramp_steps)
+        return 1.0 + (self.r_max - 1.0) * relax_r, self.d_max * relax_d
+
+    @float32_statistics
+    def forward(self, x: Tensor) -> Tensor:
+        x = check_input(x, self.num_channels, type(self).__name__)
+        if not self.training:
+            return self._eval(x)
+        with torch.no_grad():  # the statistics r and d correct towards: those before this batch
+            running_var, running_mean = (t[0].clone() for t in self._running_stats())
+            tracked = self.num_batches_tracked > 0  # 0-d bool: are there running statistics?
+        var, mean = self._batch_stats(*moments(x), x)  # (1, C) each; updates the running statistics
+        with torch.no_grad():
+            r_max, d_max = self.limits()
+            r_max = torch.where(tracked, r_max, 1.0)
+            d_max = torch.where(tracked, d_max, 0.0)
+            sigma = torch.sqrt(running_var + self.eps)  # (C,)
+            r = torch.clamp(torch.sqrt(var[0] + self.eps) / sigma, 1.0 / r_max, r_max)
+            d = torch.clamp((mean[0] - running_mean) / sigma, -d_max, d_max)
+            self.renorm_steps.add_(1)
+        weight = self.weight * r.to(self.weight.dtype)  # r, d: constants to autograd
+        bias = self.bias + self.weight * d.to(self.weight.dtype)
+        return fused_norm(x, weight, bias, [(var, mean)], (BATCH,), self.eps)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, r_max={self.r_max}, d_max={self.d_max}, warmup_steps={self.warmup_steps}, "
+            f"r_max_ramp_steps={self.r_max_ramp_steps}, d_max_ramp_steps={self.d_max_ramp_steps}"
+        )
+
+
+def _ramp(step: Tensor, start: int, length: int) -> Tensor:
+    """0 before ``start``, rising linearly to 1 over ``length`` steps (a jump at ``start`` for 0)."""
+    if length == 0:
+        return (step >= start).float()
+    return ((step - start) / length).clamp(0.0, 1.0)
+
+
+class GhostBatchNorm(_BatchStatistics):
+    """Ghost batch normalization (Hoffer, Hubara & Soudry 2017, "Train longer, generalize better:
+    closing the generalization gap in large batch training of neural networks", NeurIPS,
+    Algorithm 1).
+
+    Training: the batch is split, in order, into ghost batches of ``virtual_batch_size`` samples
+    (the last one smaller when the batch size is no multiple of it), and each is normalized with its
+    own per-channel statistics over (samples of the ghost batch, H, W); a batch no larger than
+    ``virtual_batch_size`` is plain batch norm. Eval: the running statistics, as batch norm.
+
+    The running averages are updated once per training batch with the average over its samples of
+    their ghost batch's mean and unbiased variance (so the running mean is the batch mean, and the
+    running variance the average within-ghost-batch variance that training normalizes with);
+    ``momentum`` is per batch as in ``nn.BatchNorm2d``. Hoffer et al.'s Algorithm 1 applies the
+    momentum once per ghost batch instead, and composer's GhostBatchNorm divides it by the number of
+    ghost batches and applies it per ghost batch; both agree with this to first order in the
+    momentum. The default of 32 samples is composer's.
+    """
+
+    def __init__(
+        self,
+        num_channels: int,
+        *,
+        virtual_batch_size: int = 32,
+        eps: float = DEFAULT_EPS,
+        momentum: float | None = DEFAULT_MOMENTUM,
+    ) -> None:
+        super().__init__(num_channels, eps, momentum)
+        self.virtual_batch_size = virtual_batch_size
+        self._averaging: dict[tuple[int, torch.device], Tensor] = {}  # (N, N) per batch size, eager
+
+    @float32_statistics
+    def forward(self, x: Tensor) -> Tensor:
+        x = check_input(x, self.num_channels, type(self).__name__)
+        if not self.training:
+            return self._eval(x)
+        n, _, h, w = x.shape
+        if n <= self.virtual_batch_size:  # one ghost batch: batch norm
+            stats = self._batch_stats(*moments(x), x)
+            return fused_norm(x, self.weight, self.bias, [stats], (BATCH,), self.eps)
+        sizes = ghost_sizes(n, self.virtual_batch_size)
+        if min(sizes) * h * w < 2:
+            raise ValueError(
+                f"{type(self).__name__}: expected more than 1 value per channel in every ghost batch, got input "
+                f"shape {tuple(x.shape)} with ghost batches of {sizes} samples"
+            )
+        averaging = self._averaging_matrix(n, x.device)
+        var, mean = pool(*moments(x), GHOST, averaging)  # (N, C): each sample's ghost batch statistics
+        with torch.no_grad():
+            counts = torch.tensor([s * h * w for s in sizes for _ in range(s)], dtype=var.dtype, device=var.device)
+            unbiased = var * (counts / (counts - 1))[:, None]  # (N, C)
+            self._track(mean.mean(0), unbiased.mean(0))
+        return fused_norm(x, self.weight, self.bias, [(var, mean)], (GHOST,), self.eps, averaging=averaging)
+
+    def _averaging_matrix(self, n: int, device: torch.device) -> Tensor:
+        if fused.compiling():  # built in the graph (static shapes); no Python-side cache to trace
+            return ghost_averaging_matrix(n, self.virtual_batch_size, device)
+        key = (n, device)
+        if key not in self._averaging:
+            self._averaging[key] = ghost_averaging_matrix(n, self.virtual_batch_size, device)
+        return self._averaging[key]
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"
+
+
+# --------------------------------------------------------------------------------------------
+# filter response normalization
+
+
+class FilterResponseNorm(_AffineNorm):
+    """Filter response normalization with the thresholded linear unit (Singh & Krishnan 2020,
+    "Filter Response Normalization Layer: Eliminating Batch Dependence in the Training of Deep
+    Neural Networks", CVPR; equations 1-3 and Listing 1).
+
+    Per sample and channel, no mean subtracted::
+
+        nu2 = mean_{H,W}(x^2),  y = gamma * x / sqrt(nu2 + eps) + beta,  z = max(y, tau)
+
+    with a learned per-channel threshold tau (zeros) and the paper's eps = 1e-6. The TLU is the
+    layer's activation (``includes_activation``); ``apply_act=False`` (no activation follows, e.g.
+    before a residual addition) leaves it out and keeps the normalization. ``learned_eps=True`` is
+    the paper's variant for small activation maps: eps + |eps_l| with a learned scalar eps_l
+    initialised to 1e-4 (as TensorFlow Addons' FilterResponseNormalization); that variant runs as
+    plain autograd ops. Batch-independent; no running statistics, the same in train and eval mode.
+    """
+
+    def __init__(
+        self, num_channels: int, *, eps: float = 1e-6, learned_eps: bool = False, apply_act: bool = True
+    ) -> None:
+        super().__init__(num_channels, eps)
+        self.learned_eps, self.apply_act = learned_eps, apply_act
+        self.tau = nn.Parameter(torch.zeros(num_channels)) if apply_act else None
+        self.eps_learned = nn.Parameter(torch.full((1,), 1e-4)) if learned_eps else None
+
+    @float32_statistics
+    def forward(self, x: Tensor) -> Tensor:
+        x = check_input(x, self.num_channels, type(self).__name__)
+        if self.eps_learned is None:
+            stats = mean_squares(x)  # (nu2, 0), each (N, C)
+            return fused_norm(x, self.weight, self.bias, [stats], (INSTANCE_RMS,), self.eps, tau=self.tau)
+        nu2 = x.to(stats_dtype(x)).square().mean((2, 3))  # (N, C), differentiable
+        eps = self.eps + self.eps_learned.abs().to(nu2.dtype)
+        return fused._composite_norm(x, self.weight, self.bias, [(nu2, torch.zeros_like(nu2))], eps, None, self.tau)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, learned_eps={self.learned_eps}, apply_act={self.apply_act}"
+
+
+# --------------------------------------------------------------------------------------------
+# EvoNorm
+
+
+def evonorm_groups(num_channels: int, groups: int | None = None, channels_per_group: int | None = None) -> int:
+    """EvoNorm-S0's group count: as group norm's when ``groups`` or ``channels_per_group`` is given
+    (:func:`normres.registry.resolve_groups`, errors included); without either, the reference
+    implementation's rule (tensorflow/tpu ``_group_std``): 32 groups, or the largest number below
+    32 that divides ``num_channels`` (16 groups of 1 channel for 16 channels, 32 for 64)."""
+    if groups is None and channels_per_group is None:
+        count = min(32, num_channels)
+        while num_channels % count:
+            count -= 1
+        return count
+    return resolve_groups(num_channels, groups, channels_per_group)
+
+
+class EvoNormB0(nn.Module):
+    """EvoNorm-B0 (Liu, Brock, Simonyan & Le 2020, "Evolving Normalization-Activation Layers",
+    NeurIPS; table 1 and the reference implementation, tensorflow/tpu
+    ``models/official/resnet/resnet_model.py``, ``evonorm``).
+
+    A batch-dependent normalization-activation layer::
+
+        y = x / max(sqrt(s2_B + eps), v * x + sqrt(s2_I + eps)) * gamma + beta
+
+    with s2_B the per-channel variance over (N, H, W) in training and the running variance in eval
+    mode, s2_I the per-(n, c) variance over (H, W), and learned per-channel v (ones), gamma (ones)
+    and beta (zeros); eps = 1e-5 and momentum 0.1 (decay 0.9) as in the reference. Only the variance
+    is tracked (buffer ``running_var``, unbiased as nn.BatchNorm2d's, where the reference keeps the
+    biased one); ``momentum`` None gives a cumulative average, so PreciseBN applies.
+
+    ``apply_act=False`` (no activation follows: before a residual addition, in a projection
+    shortcut). The reference implementation then applies only the affine, ``x * gamma + beta``,
+    with no normalization at all (timm's EvoNorm2dB0 does the same) -- but it refuses EvoNorm in
+    post-activation ResNets ("Evonorms require the pre-activation form"), the only place where such
+    layers occur, so it never runs that case. normres's CIFAR ResNet is post-activation; a plain
+    affine there would leave the residual branch and the shortcut projection of every block
+    unnormalized, so the study would compare a half-normalized network. This layer therefore keeps
+    the normalization and drops only the term that makes it an activation: v = 0, i.e.
+    ``y = x / max(sqrt(s2_B + eps), sqrt(s2_I + eps)) * gamma + beta`` -- a per-(n, c) scale, odd in
+    x (no rectification), and the B0 formula itself at v = 0. It has no parameter v.
+    """
+
+    def __init__(
+        self,
+        num_channels: int,
+        *,
+        eps: float = DEFAULT_EPS,
+        momentum: float | None = DEFAULT_MOMENTUM,
+        apply_act: bool = True,
+    ) -> None:
+        super().__init__()
+        if num_channels < 1:
+            raise ValueError(f"num_channels must be positive, got {num_channels}")
+        self.num_channels, self.eps, self.momentum, self.apply_act = num_channels, eps, momentum, apply_act
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+        self.v = nn.Parameter(torch.ones(num_channels)) if apply_act else None
+        self.register_buffer("running_var", torch.ones(num_channels))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    def reset_running_stats(self) -> None:
+        """Back to the initial variance (as ``nn.BatchNorm2d``; PreciseBN starts from here)."""
+        self.running_var.fill_(1)
+        self.num_batches_tracked.zero_()
+
+    @float32_statistics
+    def forward(self, x: Tensor) -> Tensor:
+        x = check_input(x, self.num_channels, type(self).__name__)
+        var, mean = differentiable_moments(x)  # (N, C) each
+        if self.training:
+            batch_var, _ = pool(var, mean, BATCH)  # (1, C), differentiated
+            self._track(batch_var[0].detach(), x)
+        else:
+            batch_var = self.running_var.to(var.dtype)[None]
+        sigma_b = torch.sqrt(batch_var + self.eps)  # (1, C)
+        sigma_i = torch.sqrt(var + self.eps)  # (N, C)
+        weight, bias = self.weight.to(var.dtype), self.bias.to(var.dtype)
+        if self.v is None:
+            return scale_shift(x, weight / torch.maximum(sigma_b, sigma_i), bias)
+        return evonorm_b0(x, self.v.to(var.dtype), sigma_b, sigma_i, weight, bias)
+
+    @torch.no_grad()
+    def _track(self, batch_var: Tensor, x: Tensor) -> None:
+        count = x.shape[0] * x.shape[2] * x.shape[3]
+        if count < 2:
+            raise ValueError(
+                f"{type(self).__name__}: expected more than 1 value per channel when training, "
+                f"got input shape {tuple(x.shape)}"
+            )
+        self.num_batches_tracked.add_(1)
+        factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        self.running_var.lerp_((batch_var * (count / (count - 1))).to(self.running_var.dtype), factor)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_channels}, eps={self.eps}, momentum={self.momentum}, apply_act={self.apply_act}"
+
+
+class EvoNormS0(nn.Module):
+    """EvoNorm-S0 (Liu, Brock, Simonyan & Le 2020, "Evolving Normalization-Activation Layers",
+    NeurIPS; table 1 and the reference implementation, tensorflow/tpu
+    ``models/official/resnet/resnet_model.py``, ``evonorm``).
+
+    A batch-independent normalization-activation layer::
+
+        y = x * sigmoid(v * x) / sqrt(s2_G + eps) * gamma + beta
+
+    with s2_G the per-sample variance over each group of channels and (H, W) (as group norm's),
+    learned per-channel v (ones), gamma (ones), beta (zeros) and eps = 1e-5 as in the reference;
+    the same in train and eval mode, no running statistics. Groups: ``groups`` or
+    ``channels_per_group`` as group norm's; without either, the reference's rule
+    (:func:`evonorm_groups`: 32, or the largest divisor of the channels below 32).
+
+    ``apply_act=False`` (no activation follows: before a residual addition, in a projection
+    shortcut): the reference then applies only the affine ``x * gamma + beta`` (no normalization),
+    and refuses EvoNorm in the post-activation ResNets where this occurs (see :class:`EvoNormB0`).
+    Here the normalization stays and the sigmoid gate goes, ``y = x / sqrt(s2_G + eps) * gamma +
+    beta`` (the gate removed as in timm's EvoNorm2dS0a, which keeps the division without its
+    activation); no parameter v.
+    """
+
+    def __init__(
+        self,
+        num_channels: int,
+        *,
+        groups: int | None = None,
+        channels_per_group: int | None = None,
+        eps: float = DEFAULT_EPS,
+        apply_act: bool = True,
+    ) -> None:
+        resolved = evonorm_groups(num_channels, groups, channels_per_group)
+        super().__init__()
+        self.num_channels, self.groups, self.eps, self.apply_act = num_channels, resolved, eps, apply_act
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+        self.v = nn.Parameter(torch.ones(num_channels)) if apply_act else None
+        self.register_buffer("averaging", group_averaging_matrix(num_channels, resolved), persistent=False)
+
+    @float32_statistics
+    def forward(self, x: Tensor) -> Tensor:
+        x = check_input(x, self.num_channels, type(self).__name__)
+        group_var, _ = pool(*differentiable_moments(x), GROUP, self.averaging)  # (N, C)
+        weight, bias = self.weight.to(group_var.dtype), self.bias.to(group_var.dtype)
+        scale = weight * torch.rsqrt(group_var + self.eps)  # (N, C): gamma / sqrt(s2_G + eps)
+        if self.v is None:
+            return scale_shift(x, scale, bias)
+        return evonorm_s0(x, self.v.to(group_var.dtype), scale, bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_channels}, groups={self.groups}, eps={self.eps}, apply_act={self.apply_act}"
+
+
+def evonorm_b0(x: Tensor, v: Tensor, sigma_b: Tensor, sigma_i: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """``x / max(sigma_b, v * x + sigma_i) * weight + bias`` with sigma_b (1, C), sigma_i (N, C), v,
+    weight and bias (C,), differentiable in all of them; x's layout and dtype.
+
+    Eager: one autograd function in the normalized form S = max(1, a * x + b), a = v / sigma_b,
+    b = sigma_i / sigma_b, y = (weight / sigma_b) * x / S + bias, whose backward is written out;
+    while compiling, the formula itself.
+    """
+    c = x.shape[1]
+    if fused.compiling():
+        den = torch.maximum(sigma_b.view(1, c, 1, 1), x * v.view(1, c, 1, 1) + sigma_i.view(-1, c, 1, 1))
+        return (x / den * weight.view(1, c, 1, 1) + bias.view(1, c, 1, 1)).to(x.dtype)
+    inv = 1.0 / sigma_b  # (1, C)
+    return _EvoNormB0Function.apply(x, v * inv, sigma_i * inv, weight * inv, bias)
+
+
+class _EvoNormB0Function(torch.autograd.Function):
+    """y = g * x / S + beta, S = max(1, a * x + b): a, g (1, C), b (N, C), beta (C,).
+
+    Backward, with R = [S > 1] (the right branch of the max), u = dy / S and h = R * dy * x / S^2:
+        dx = g * (u - a * h),  d_g = sum dy * x / S,  d_a = -g * sum h * x,  d_b = -g * sum_hw h,
+        d_beta = sum dy.
+    S is kept from forward (one tensor); R is read off it with one threshold pass.
+    """
+
+    @staticmethod
+    def forward(ctx, x, a, b, g, beta):  # type: ignore[override]
+        c = x.shape[1]
+        den = torch.mul(x, a.view(1, c, 1, 1)).add_(b.view(-1, c, 1, 1)).clamp_min_(1.0)  # S (N, C, H, W)
+        y = torch.div(x, den).mul_(g.view(1, c, 1, 1)).add_(beta.view(1, c, 1, 1))
+        ctx.save_for_backward(x, a, g, den)
+        return y.to(x.dtype) if y.dtype != x.dtype else y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):  # type: ignore[override]
+        x, a, g, den = ctx.saved_tensors
+        c = x.shape[1]
+        in_dtype, dtype = x.dtype, den.dtype
+        dy = dy.contiguous(memory_format=memory_format_of(x))
+        if in_dtype != dtype:
+            x, dy = x.to(dtype), dy.to(dtype)
+        u = torch.div(dy, den)  # dy / S
+        h = torch.mul(u, x)  # dy * x / S
+        d_g = h.sum((0, 2, 3)).view_as(g)
+        h.div_(den)  # dy * x / S^2
+        h = torch.ops.aten.threshold_backward.grad_input(h, den, 1.0, grad_input=h)  # where S > 1
+        d_b = -g * h.sum((2, 3))  # (N, C)
+        d_a = -g * torch.mul(h, x).sum((0, 2, 3)).view_as(a)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = u.mul_(g.view(1, c, 1, 1)).addcmul_(h, (-g * a).view(1, c, 1, 1))
+            if in_dtype != dtype:
+                dx = dx.to(in_dtype)
+        d_beta = dy.sum((0, 2, 3))
+        return dx, d_a, d_b, d_g, d_beta
+
+
+def evonorm_s0(x: Tensor, v: Tensor, scale: Tensor, bias: Tensor) -> Tensor:
+    """``x * sigmoid(v * x) * scale + bias`` with v, bias (C,) and scale (N, C), differentiable in all
+    of them; x's layout and dtype. Eager: one autograd function (backward below); while compiling,
+    the formula itself."""
+    c = x.shape[1]
+    if fused.compiling():
+        gate = torch.sigmoid(x * v.view(1, c, 1, 1))
+        return (x * gate * scale.view(-1, c, 1, 1) + bias.view(1, c, 1, 1)).to(x.dtype)
+    return _EvoNormS0Function.apply(x, v, scale, bias)
+
+
+class _EvoNormS0Function(torch.autograd.Function):
+    """y = a * x * s + beta, s = sigmoid(v * x): v, beta (C,), a (N, C).
+
+    Backward, with w = dy * x * s * (1 - s) (one sigmoid_backward pass):
+        dx = a * (dy * s + v * w),  d_a = sum_hw dy * x * s,  d_v = sum a * w * x,  d_beta = sum dy.
+    s is kept from forward (one tensor).
+    """
+
+    @staticmethod
+    def forward(ctx, x, v, a, beta):  # type: ignore[override]
+        c = x.shape[1]
+        gate = torch.mul(x, v.view(1, c, 1, 1)).sigmoid_()  # s (N, C, H, W)
+        y = torch.mul(gate, x).mul_(a.view(-1, c, 1, 1)).add_(beta.view(1, c, 1, 1))
+        ctx.save_for_backward(x, v, a, gate)
+        return y.to(x.dtype) if y.dtype != x.dtype else y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):  # type: ignore[override]
+        x, v, a, gate = ctx.saved_tensors
+        c = x.shape[1]
+        in_dtype, dtype = x.dtype, gate.dtype
+        dy = dy.contiguous(memory_format=memory_format_of(x))
+        if in_dtype != dtype:
+            x, dy = x.to(dtype), dy.to(dtype)
+        buf = torch.mul(dy, x)
+        w = torch.ops.aten.sigmoid_backward(buf, gate)  # dy * x * s * (1 - s)
+        d_a = buf.mul_(gate).sum((2, 3))  # (N, C)
+        d_v = (a * torch.mul(w, x, out=buf).sum((2, 3))).sum(0)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.mul(dy, gate, out=buf).addcmul_(w, v.view(1, c, 1, 1)).mul_(a.view(-1, c, 1, 1))
+            if in_dtype != dtype:
+                dx = dx.to(in_dtype)
+        d_beta = dy.sum((0, 2, 3))
+        return dx, d_v, d_a, d_beta
