@@ -250,6 +250,98 @@ _NORMS: tuple[NormDef, ...] = (
         batch_dependent=False,
         options=(EPS,),  # accepted and ignored, so that configs stay uniform
     ),
+    NormDef(
+        name="brn",
+        factory="normres.norms.literature:BatchRenorm",
+        title="Batch renorm",
+        normalizes_over="(N, H, W) per channel, corrected towards the running averages",
+        description="Batch renormalization: batch norm whose batch statistics are corrected towards the "
+        "running averages (r = sigma_B / sigma, d = (mu_B - mu) / sigma, clipped to a bound relaxed on a "
+        "schedule, not differentiated); running averages in eval mode.",
+        citation="Ioffe 2017, Batch Renormalization: Towards Reducing Minibatch Dependence in "
+        "Batch-Normalized Models (NeurIPS)",
+        batch_dependent=True,
+        running_stats=True,
+        options=(
+            EPS,
+            MOMENTUM,
+            Option("r_max", "number", "Bound on the correction r (and 1/r) once relaxed.", minimum=1),
+            Option("d_max", "number", "Bound on the correction |d| once relaxed.", minimum=0),
+            Option("warmup_steps", "integer", "Training steps of plain batch norm (r = 1, d = 0) before "
+                   "the bounds are relaxed.", minimum=0),  # fmt: skip
+            Option("r_max_ramp_steps", "integer", "Steps after the warm-up over which the bound on r "
+                   "rises linearly from 1 to r_max.", minimum=0),  # fmt: skip
+            Option("d_max_ramp_steps", "integer", "Steps after the warm-up over which the bound on |d| "
+                   "rises linearly from 0 to d_max.", minimum=0),  # fmt: skip
+        ),
+    ),
+    NormDef(
+        name="gbn",
+        factory="normres.norms.literature:GhostBatchNorm",
+        title="Ghost batch norm",
+        normalizes_over="(samples of a ghost batch, H, W) per channel",
+        description="Ghost batch norm: batch norm over each ghost batch of virtual_batch_size samples "
+        "(N, H, W within it) in training, running averages in eval mode.",
+        citation="Hoffer, Hubara & Soudry 2017, Train longer, generalize better: closing the "
+        "generalization gap in large batch training of neural networks (NeurIPS)",
+        batch_dependent=True,
+        running_stats=True,
+        options=(
+            Option("virtual_batch_size", "integer", "Samples per ghost batch (the last one may be smaller; "
+                   "a batch no larger is plain batch norm).", minimum=2),  # fmt: skip
+            EPS,
+            MOMENTUM,
+        ),
+    ),
+    NormDef(
+        name="frn",
+        factory="normres.norms.literature:FilterResponseNorm",
+        title="Filter response norm + TLU",
+        normalizes_over="(H, W) per sample and channel, uncentred",
+        description="Filter response normalization: x divided by the root mean square over (H, W) per "
+        "sample and channel (no mean subtracted), then a per-channel affine and the thresholded linear "
+        "unit max(y, tau).",
+        citation="Singh & Krishnan 2020, Filter Response Normalization Layer: Eliminating Batch "
+        "Dependence in the Training of Deep Neural Networks (CVPR)",
+        batch_dependent=False,
+        includes_activation=True,
+        options=(
+            EPS,
+            Option("learned_eps", "boolean", "Add a learned |eps_l| (initialised to 1e-4) to eps, the "
+                   "paper's variant for small activation maps."),  # fmt: skip
+        ),
+    ),
+    NormDef(
+        name="evonorm_b0",
+        factory="normres.norms.literature:EvoNormB0",
+        title="EvoNorm-B0",
+        normalizes_over="(N, H, W) per channel and (H, W) per sample and channel",
+        description="EvoNorm-B0: x / max(sqrt(s2_B + eps), v * x + sqrt(s2_I + eps)) * gamma + beta, with "
+        "the batch variance s2_B over (N, H, W) (running average in eval mode) and the instance "
+        "variance s2_I over (H, W); a normalization and activation in one.",
+        citation="Liu, Brock, Simonyan & Le 2020, Evolving Normalization-Activation Layers (NeurIPS)",
+        batch_dependent=True,
+        running_stats=True,
+        includes_activation=True,
+        options=(EPS, MOMENTUM),
+    ),
+    NormDef(
+        name="evonorm_s0",
+        factory="normres.norms.literature:EvoNormS0",
+        title="EvoNorm-S0",
+        normalizes_over="(C/G, H, W) per sample and group",
+        description="EvoNorm-S0: x * sigmoid(v * x) / sqrt(s2_G + eps) * gamma + beta, with the variance "
+        "s2_G per sample over each group of channels and (H, W) (C/G, H, W); a normalization and "
+        "activation in one.",
+        citation="Liu, Brock, Simonyan & Le 2020, Evolving Normalization-Activation Layers (NeurIPS)",
+        batch_dependent=False,
+        includes_activation=True,
+        options=(GROUPS, CHANNELS_PER_GROUP, EPS),
+        # without groups or channels_per_group the layer picks a count that fits (the reference's rule)
+        check=lambda channels, options: (
+            _check_groups(channels, options) if {"groups", "channels_per_group"} & options.keys() else None
+        ),
+    ),
 )
 
 NORMS: dict[str, NormDef] = {d.name: d for d in _NORMS}
