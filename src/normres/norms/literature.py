@@ -124,7 +124,10 @@ class BatchRenorm(_BatchStatistics):
 
     def limits(self) -> tuple[Tensor, Tensor]:
         """(r_max, d_max) for the next training step, each a 0-d float32 tensor (the schedule)."""
-        step = self.renorm_steps.float()
+        return self._limits(self.renorm_steps)
+
+    def _limits(self, steps: Tensor) -> tuple[Tensor, Tensor]:
+        step = steps.float()
         relax_r = _ramp(step, self.warmup_steps, self.r_max_ramp_steps)
         relax_d = _ramp(step, self.warmup_steps, self.d_max_ramp_steps)
         return 1.0 + (self.r_max - 1.0) * relax_r, self.d_max * relax_d
@@ -134,17 +137,18 @@ class BatchRenorm(_BatchStatistics):
         x = check_input(x, self.num_channels, type(self).__name__)
         if not self.training:
             return self._eval(x)
-        with torch.no_grad():  # the statistics r and d correct towards: those before this batch
-            running_var, running_mean = (t[0].clone() for t in self._running_stats())
-            tracked = self.num_batches_tracked > 0  # 0-d bool: are there running statistics?
+        # What r and d correct towards: the running statistics before this batch's update.
+        running_mean, running_var, tracked, steps = (
+            _snapshot(t) for t in (self.running_mean, self.running_var, self.num_batches_tracked, self.renorm_steps)
+        )
         var, mean = self._batch_stats(*moments(x), x)  # (1, C) each; updates the running statistics
+        r_max, d_max = self._limits(steps)
+        r_max = torch.where(tracked > 0, r_max, 1.0)  # no running statistics yet: r = 1, d = 0
+        d_max = torch.where(tracked > 0, d_max, 0.0)
+        sigma = torch.sqrt(running_var.to(var.dtype) + self.eps)  # (C,)
+        r = torch.clamp(torch.sqrt(var[0].detach() + self.eps) / sigma, 1.0 / r_max, r_max).detach()
+        d = torch.clamp((mean[0].detach() - running_mean.to(var.dtype)) / sigma, -d_max, d_max).detach()
         with torch.no_grad():
-            r_max, d_max = self.limits()
-            r_max = torch.where(tracked, r_max, 1.0)
-            d_max = torch.where(tracked, d_max, 0.0)
-            sigma = torch.sqrt(running_var + self.eps)  # (C,)
-            r = torch.clamp(torch.sqrt(var[0] + self.eps) / sigma, 1.0 / r_max, r_max)
-            d = torch.clamp((mean[0] - running_mean) / sigma, -d_max, d_max)
             self.renorm_steps.add_(1)
         weight = self.weight * r.to(self.weight.dtype)  # r, d: constants to autograd
         bias = self.bias + self.weight * d.to(self.weight.dtype)
@@ -155,6 +159,29 @@ class BatchRenorm(_BatchStatistics):
             f"{super().extra_repr()}, r_max={self.r_max}, d_max={self.d_max}, warmup_steps={self.warmup_steps}, "
             f"r_max_ramp_steps={self.r_max_ramp_steps}, d_max_ramp_steps={self.d_max_ramp_steps}"
         )
+
+
+@torch.library.custom_op("normres::snapshot", mutates_args=())
+def _snapshot_op(t: Tensor) -> Tensor:
+    return t.clone()
+
+
+@_snapshot_op.register_fake
+def _(t: Tensor) -> Tensor:
+    return torch.empty_like(t)
+
+
+def _snapshot(t: Tensor) -> Tensor:
+    """A copy of buffer ``t`` as it is now, which torch.compile keeps for backward.
+
+    Under torch.compile a plain copy of a buffer the forward then updates is not enough: AOTAutograd's
+    partitioner may recompute the copy (and what follows from it, here d) in backward, after the
+    update, from the updated buffer -- silently wrong weight gradients (pytorch/pytorch PR #197039,
+    "Don't recompute reads of mutated inputs or mutable buffers", open; torch 2.14 is affected). A
+    custom op is outside the partitioner's list of recomputable ops, so its output is saved.
+    Eager: a plain clone (no custom-op dispatch).
+    """
+    return _snapshot_op(t) if fused.compiling() else t.detach().clone()
 
 
 def _ramp(step: Tensor, start: int, length: int) -> Tensor:
