@@ -227,15 +227,15 @@ def test_describe_wording():
     p_ln = 2 * (1 - t_ln / math.sqrt(2 + t_ln**2))
     p_gn = 1 - 2 * math.sqrt(3) / math.sqrt(14)
     assert sentences[(128, "gn")] == (
-        "ResNet n=2, batch 128: gn − bn = +0.020 test accuracy (95% CI −0.005 to +0.045, 3 seeds), "
+        "ResNet-14, batch 128: gn − bn = +0.020 test accuracy (95% CI −0.005 to +0.045, 3 seeds), "
         f"p = {p_gn:.3f} (Holm): not significant at 5%."
     )
     assert sentences[(128, "ln")].startswith(
-        "ResNet n=2, batch 128: ln − bn = +0.110 test accuracy (95% CI +0.085 to"
+        "ResNet-14, batch 128: ln − bn = +0.110 test accuracy (95% CI +0.085 to"
     )
     assert sentences[(128, "ln")].endswith(f"p = {p_ln:.3f} (Holm): significant at 5%.")
     assert sentences[(8, "gn")] == (
-        "ResNet n=2, batch 8: gn − bn: needs >= 2 seeds (1 paired seed; 1 excluded: diverged or no value)."
+        "ResNet-14, batch 8: gn − bn: needs >= 2 seeds (1 paired seed; 1 excluded: diverged or no value)."
     )
 
 
@@ -244,10 +244,10 @@ def test_describe_names_the_study_only_when_several():
         *paired([0.01, 0.02, 0.03], study="a"), *paired([0.01, 0.02, 0.03], study="b", model="cnn")
     )
     lines = describe(compare(runs, {"a": "bn", "b": "bn"}))
-    assert lines[0].startswith("a, ResNet n=1, batch 128: gn − bn")
-    assert lines[1].startswith("b, CNN, batch 128: gn − bn")  # the cnn has a single depth: no n=
+    assert lines[0].startswith("a, ResNet-8, batch 128: gn − bn")
+    assert lines[1].startswith("b, small CNN of the MNIST study, batch 128: gn − bn")  # one size: no depth
     assert describe(compare(runs_of(*paired([0.01, 0.02])), {"s": "bn"}))[0].startswith(
-        "ResNet n=1, batch 128:"
+        "ResNet-8, batch 128:"
     )
 
 
@@ -259,7 +259,7 @@ def test_describe_reference_missing_and_zero_variance():
     lines = describe(compare(runs, {"s": "bn"}))
     assert (
         lines[0]
-        == "ResNet n=1, batch 8: gn − bn: reference norm 'bn' not run in this group, nothing to compare."
+        == "ResNet-8, batch 8: gn − bn: reference norm 'bn' not run in this group, nothing to compare."
     )
     assert "zero variance of differences" in lines[1] and "significance not assessed" in lines[1]
 

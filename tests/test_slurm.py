@@ -14,10 +14,10 @@ One scenario (about 4 minutes on 2 cores) feeds the ``slurm`` tests, on a study 
 1. in the background, a plain local run (``--cores 2``) of the same config: the reference;
 2. ``snakemake --profile slurm`` with, on the command line, ``--set-threads train=1 test=1`` (2-CPU node,
    and the same threads as the reference), ``--retries 0`` (so a cancelled job fails the run), a 2 s
-   first status poll and kept SLURM logs; partitions, GPU, memory, time, requeue, account and status
-   command come from the profile. Seed 0 trains undisturbed; seed 1's job is cancelled with ``scancel``
-   once it has written ``checkpoint.pt``: the run must fail, visibly and promptly (``keep-going`` still
-   finishes seed 0);
+   first status poll and kept SLURM logs; partitions, GPU, memory, time, requeue, account, status
+   command and the grouping of a run's training and test into one SLURM job come from the profile.
+   Seed 0 trains undisturbed; seed 1's job is cancelled with ``scancel`` once it has written
+   ``checkpoint.pt``: the run must fail, visibly and promptly (``keep-going`` still finishes seed 0);
 3. the same command again: it resubmits seed 1, which resumes after epoch 1; once it has written its
    next checkpoint, the job is requeued with ``scontrol requeue`` (a preemption: SLURM restarts the same
    job, Snakemake keeps waiting, training resumes again), and the run completes, report included.
@@ -64,11 +64,15 @@ def sh(*cmd: str, timeout: float = 30) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
-def snakemake_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
+def snakemake_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "NORMRES_"))}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONUNBUFFERED"] = "1"
-    return env
+    # The test cluster's GPUs are fake (gres File=/dev/null): SLURM sets CUDA_VISIBLE_DEVICES=0 in a GPU
+    # job but there is no GPU, and normres refuses to train on the CPU when a GPU was given to the job
+    # (test_a_job_given_a_fake_gpu_stops_with_the_reason). These jobs train on the CPU on purpose.
+    env["NORMRES_DEVICE"] = "cpu"
+    return env | extra
 
 
 def cluster_state() -> tuple[str, str]:
@@ -141,9 +145,9 @@ def run_dir(key: dict) -> str:
     return f"results/runs/{key['study']}/{key['norm']}/n{key['depth']}_b{key['batch_size']}/seed{key['seed']}"
 
 
-def wildcard_str(key: dict) -> str:
-    """How the SLURM plugin writes a job's wildcards into its --comment and log folder."""
-    return "_".join(str(key[k]) for k in ("study", "norm", "depth", "batch_size", "seed"))
+def group_of(key: dict) -> str:
+    """The group job of one run (slurm/config.yaml's `groups`): its SLURM --comment starts so."""
+    return f"rule_run_{key['study']}_{key['norm']}_n{key['depth']}_b{key['batch_size']}_seed{key['seed']}_"
 
 
 @dataclass
@@ -217,12 +221,12 @@ class Jobs:
                 self.by_id[row["JobID"]] = row
         return self.by_id
 
-    def of_rule(self, rule: str) -> list[dict[str, str]]:
-        return [j for j in self.by_id.values() if j["Comment"].startswith(f"rule_{rule}_wildcards_")]
+    def of_run(self, key: dict) -> list[dict[str, str]]:
+        return [j for j in self.by_id.values() if j["Comment"].startswith(group_of(key))]
 
     def running_train_job(self, key: dict) -> str | None:
         for j in self.snapshot().values():
-            if j["Comment"] == f"rule_train_wildcards_{wildcard_str(key)}" and j["State"] == "RUNNING":
+            if j["Comment"].startswith(group_of(key)) and j["State"] == "RUNNING":
                 return j["JobID"]
         return None
 
@@ -341,48 +345,103 @@ def test_profile_lines_are_commented():
                 assert "#" in line or line.rstrip().endswith(":"), f"{path.name}:{n} has no comment: {line!r}"
 
 
+def read_profile(path: Path, **env: str) -> dict:
+    """The profile as Snakemake reads it: a YTE template, evaluated in an environment."""
+    import yte
+
+    saved = dict(os.environ)
+    os.environ.update(env)
+    try:
+        with open(path) as f:
+            return yte.process_yaml(f, require_use_yte=True)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 def test_profiles_parse_and_keep_their_roles():
-    slurm = yaml.safe_load((REPO / "slurm/config.yaml").read_text())
+    slurm = read_profile(REPO / "slurm/config.yaml")
     default = yaml.safe_load((REPO / "profiles/default/config.yaml").read_text())
     assert slurm["executor"] == "slurm" and slurm["slurm-status-command"] == "squeue"
-    assert slurm["slurm-no-account"] is True or "slurm_account" in slurm["default-resources"]
+    assert slurm["slurm-no-account"] is True and "slurm_account" not in slurm["default-resources"]
     assert slurm["slurm-requeue"] is True and slurm["retries"] >= 1
     assert slurm["set-resources"]["train"]["gpu"] == 1
     assert "gpu" not in slurm["set-resources"]["test"] and "gpu" not in slurm["default-resources"]
+    # one SLURM job per run: training and its evaluations share a group named by the run's wildcards
+    assert len(set(slurm["groups"].values())) == 1 and set(slurm["groups"]) == {"train", "test", "robustness"}
+    partitions = {rule: r["slurm_partition"] for rule, r in slurm["set-resources"].items()}
+    assert len(set(partitions.values())) == 1, "a group job has one partition"
     # profiles/default is applied together with --profile slurm and wins per key: it must not set
     # anything machine-specific that would silently override the cluster profile.
     machine_keys = {"executor", "jobs", "cores", "latency-wait", "default-resources", "set-resources",
-                    "set-threads", "keep-going", "retries", "resources"}  # fmt: skip
+                    "set-threads", "keep-going", "retries", "resources", "groups"}  # fmt: skip
     assert not machine_keys & default.keys()
     # squeue status needs MinJobAge (300 s on the test cluster and SLURM's default) >= 3 x first poll delay
     assert 3 * slurm["slurm-init-seconds-before-status-checks"] <= 300
 
 
-def test_profile_dry_run_assigns_gpu_only_to_training(tmp_path):
-    """`snakemake --profile slurm -n` on the tiny config: train asks for a GPU, test does not."""
+def test_cluster_names_come_from_the_environment_and_keep_the_rest():
+    """Partition, account, GPU type and time limits change without editing the profile, and without
+    --set-resources (which would replace every per-rule resource of the profile)."""
+    env = {"NORMRES_GPU_PARTITION": "a100q", "NORMRES_CPU_PARTITION": "short", "NORMRES_ACCOUNT": "proj7",
+           "NORMRES_GPU_MODEL": "a100", "NORMRES_TRAIN_MINUTES": "90", "NORMRES_TRAIN_MEM_MB": "24000"}  # fmt: skip
+    slurm = read_profile(REPO / "slurm/config.yaml", **env)
+    train = slurm["set-resources"]["train"]
+    assert train == {"slurm_partition": "a100q", "gpu": 1, "gpu_model": "a100", "runtime": 90, "mem_mb": 24000}
+    assert slurm["set-resources"]["test"]["slurm_partition"] == "a100q" and slurm["set-resources"]["test"]["runtime"] == 30
+    assert slurm["default-resources"] == {"slurm_partition": "short", "slurm_account": "proj7", "runtime": 60, "mem_mb": 4000}
+    assert slurm["slurm-no-account"] is False
+
+
+def _dry_run_jobs(tmp_path: Path, **env: str) -> tuple[str, dict[str, list[tuple[dict, int, str | None]]]]:
     out = subprocess.run(
         [sys.executable, "-m", "snakemake", "--profile", "slurm", "-n", "--cores", "64", "--directory",
          str(tmp_path), "--configfile", str(REPO / ".test/config.yaml")],
-        cwd=REPO, env=snakemake_env(), capture_output=True, text=True, timeout=300,
+        cwd=REPO, env=snakemake_env(**env), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
     text = out.stdout + out.stderr
-    assert re.search(r"Using profiles? slurm and workflow specific profile profiles/default", text)
-    jobs = {}  # rule -> list of (resources, threads) of its jobs
-    for block in re.split(r"\n(?=(?:local)?rule \w+:)", text):
-        m = re.match(r"(?:local)?rule (\w+):", block)
+    jobs = {}  # rule -> list of (resources, threads, group) of its jobs
+    group = None
+    for block in re.split(r"\n(?=\s*(?:local)?rule \w+:|\[.*\] Group job )", text):
+        if g := re.search(r"Group job (\S+) \(", block):
+            group = g.group(1)
+            continue
+        m = re.match(r"\s*(?:(local)?rule) (\w+):", block)
         r = re.search(r"^\s+resources: (.*)$", block, re.M)
         t = re.search(r"^\s+threads: (\d+)$", block, re.M)
         if m and r:
             res = dict(item.split("=", 1) for item in r.group(1).split(", "))
-            jobs.setdefault(m.group(1), []).append((res, int(t.group(1)) if t else 1))
-    assert {"train", "test", "aggregate", "report"} <= jobs.keys()
-    for res, threads in jobs["train"]:
+            in_group = group if block.startswith("    ") else None
+            jobs.setdefault(m.group(2), []).append((res, int(t.group(1)) if t else 1, in_group))
+    return text, jobs
+
+
+def test_profile_dry_run_submits_one_gpu_job_per_run(tmp_path):
+    """`snakemake --profile slurm -n` on the tiny config: each run's train, test and robustness jobs form
+    one group (one SLURM job); train asks for the GPU; the bookkeeping rules stay outside any group."""
+    text, jobs = _dry_run_jobs(tmp_path)
+    assert re.search(r"Using profiles? slurm and workflow specific profile profiles/default", text)
+    assert {"train", "test", "robustness", "aggregate", "report"} <= jobs.keys()
+    for res, threads, group in jobs["train"]:
         assert res["gpu"] == "1" and res["slurm_partition"] == "gpu" and res["runtime"] == "720", res
-        assert res["mem_mb"] == "16000" and threads == 4, (res, threads)
-    for res, threads in jobs["test"]:
-        assert "gpu" not in res and "gres" not in res and res["slurm_partition"] == "cpu", res
-        assert threads == 2
+        assert res["mem_mb"] == "16000" and threads == 4 and group and group.startswith("run_"), (res, threads, group)
+    for rule in ("test", "robustness"):
+        for res, threads, group in jobs[rule]:
+            assert "gpu" not in res and res["slurm_partition"] == "gpu" and group and threads == 2, res
+    groups = [g for rule in ("train", "test", "robustness") for _, _, g in jobs[rule]]
+    assert len(set(groups)) == len(jobs["train"]), "one group per run"
+    for rule in ("prepare_data", "corrupt", "aggregate", "compare", "figures", "report"):
+        assert all(g is None for _, _, g in jobs[rule]), rule
+
+
+def test_a_command_line_partition_keeps_the_other_resources(tmp_path):
+    _, jobs = _dry_run_jobs(tmp_path, NORMRES_GPU_PARTITION="a100q", NORMRES_TRAIN_MINUTES="90")
+    for res, threads, _ in jobs["train"]:
+        assert res["slurm_partition"] == "a100q" and res["runtime"] == "90", res
+        assert res["gpu"] == "1" and res["mem_mb"] == "16000" and threads == 4, res  # the rest is kept
+    for res, _, _ in jobs["test"]:
+        assert res["slurm_partition"] == "a100q" and res["runtime"] == "30", res
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,10 +454,11 @@ def test_cancelled_job_fails_the_run_visibly(scenario):
     first = scenario.first
     assert scenario.cancelled, "no job was cancelled"
     assert first.rc not in (0, None), f"the run with a cancelled job exited {first.rc}:\n{first.text[-3000:]}"
-    seen = first.first(rf"SLURM-job '{scenario.cancelled}' failed, SLURM status is: 'CANCELLED'")
+    # Snakemake names the failed group job (the run): training and test of seed 1
+    seen = first.first(rf"Error in group {group_of(scenario.keys[1])[5:-1]}$")
     assert seen, f"no error message for cancelled job {scenario.cancelled}:\n{first.text[-3000:]}"
     assert seen[0] - scenario.cancelled_at < CANCEL_NOTICED_WITHIN, "the cancelled job was noticed too late"
-    assert first.first(r"Error in rule train")
+    assert scenario.jobs.by_id[scenario.cancelled]["State"] == "CANCELLED"
     # keep-going (profile): the independent run still finished and was tested in the failed run
     assert (scenario.cluster_dir / run_dir(scenario.keys[0]) / "metrics.csv").exists()
     assert scenario.record(scenario.keys[0])["resumed_at_epochs"] == []
@@ -412,8 +472,7 @@ def test_rerun_resumes_the_cancelled_training(scenario):
     record = scenario.record(scenario.keys[1])
     assert record["status"] == "completed" and record["epochs_completed"] == EPOCHS
     assert record["resumed_at_epochs"][0] >= 1, record["resumed_at_epochs"]  # resubmitted after scancel
-    comment = f"rule_train_wildcards_{wildcard_str(scenario.keys[1])}"
-    jobs = [j for j in scenario.jobs.by_id.values() if j["Comment"] == comment]
+    jobs = scenario.jobs.of_run(scenario.keys[1])
     assert sorted(j["State"] for j in jobs) == ["CANCELLED", "COMPLETED"], jobs
 
 
@@ -434,32 +493,48 @@ def test_requeued_job_restarts_and_resumes_from_its_checkpoint(scenario):
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_every_training_job_went_through_sbatch_with_a_gpu(scenario):
-    train = scenario.jobs.of_rule("train")
-    assert {j["Comment"] for j in train} == {f"rule_train_wildcards_{wildcard_str(k)}" for k in scenario.keys}
-    for j in train:  # values from slurm/config.yaml's set-resources
-        assert j["Partition"] == "gpu" and j["tres-per-job"] == "gres:gpu:1", j
-        assert j["TimeLimit"] == "12:00:00" and j["MinMemory"] == "16000M" and j["cpus-per-task"] == "1", j
-    logs = scenario.cluster_dir / ".snakemake/slurm_logs/rule_train"
-    for k in scenario.keys:
-        assert list((logs / wildcard_str(k)).glob("*.log")), f"no SLURM log for {k}"
+def test_each_run_is_one_sbatch_job_with_a_gpu(scenario):
+    """Training and testing of a run are one SLURM job (a group job): a study of N runs submits N jobs
+    (plus resubmissions), each in the GPU partition with the profile's resources; wall times add up."""
+    for key in scenario.keys:
+        jobs = scenario.jobs.of_run(key)
+        assert jobs, f"no SLURM job for {key}"
+        for j in jobs:  # values from slurm/config.yaml's set-resources (train 720 min + test 30 min)
+            assert j["Partition"] == "gpu" and j["tres-per-job"] == "gres:gpu:1", j
+            assert j["TimeLimit"] == "12:30:00" and j["MinMemory"] == "16000M" and j["cpus-per-task"] == "1", j
+            assert j["Comment"].endswith("_test_train"), j
+    assert len(scenario.jobs.of_run(scenario.keys[0])) == 1  # undisturbed: one job did train and test
+    logs = scenario.cluster_dir / ".snakemake/slurm_logs"
+    assert len(list(logs.glob("group_run_*/*.log"))) >= len(scenario.keys), sorted(logs.rglob("*"))
 
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_test_jobs_are_cpu_only_and_bookkeeping_stays_local(scenario):
-    test = scenario.jobs.of_rule("test")
-    assert {j["Comment"] for j in test} == {f"rule_test_wildcards_{wildcard_str(k)}" for k in scenario.keys}
-    for j in test:
-        assert j["Partition"] == "cpu" and j["tres-per-job"] == "N/A", j
-        assert j["TimeLimit"] == "30:00" and j["MinMemory"] == "8000M", j
-    # only train and test went to SLURM; the localrules ran in the Snakemake process
-    rules = {re.sub(r"^rule_(\w+?)_wildcards_.*$", r"\1", j["Comment"]) for j in scenario.jobs.by_id.values()}
-    assert rules == {"train", "test"}, rules
+def test_only_the_runs_are_submitted_and_bookkeeping_stays_local(scenario):
+    assert all(j["Comment"].startswith("rule_run_") for j in scenario.jobs.by_id.values()), scenario.jobs.by_id
     text = scenario.first.text + scenario.second.text
-    for rule in ("prepare_data", "aggregate", "figures", "misclassified", "report"):
+    for rule in ("prepare_data", "aggregate", "compare", "figures", "misclassified", "report"):
         assert f"localrule {rule}:" in text, rule
     assert (scenario.cluster_dir / "results/report.html").stat().st_size > 0
+
+
+@pytest.mark.slurm
+def test_a_job_given_a_fake_gpu_stops_with_the_reason(slurm_cluster, tmp_path):
+    """The test cluster's GPU is fake: SLURM sets CUDA_VISIBLE_DEVICES, CUDA cannot start. Without
+    NORMRES_DEVICE=cpu, normres must stop and say so rather than train on the CPU for hours."""
+    log = tmp_path / "job.log"
+    code = "from normres.device import select_device; print(select_device())"
+    env = snakemake_env()
+    del env["NORMRES_DEVICE"]
+    job = subprocess.run(["sbatch", "--parsable", "-p", "gpu", "--gpus=1", "-o", str(log), "-D", str(tmp_path),
+                          f"--wrap={sys.executable} -c '{code}'"], env=env, capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert job.returncode == 0, job.stderr
+    deadline = time.time() + 90
+    while time.time() < deadline and "DeviceError" not in (log.read_text() if log.exists() else ""):
+        time.sleep(1)
+    text = log.read_text()
+    assert "this job was given a GPU (CUDA_VISIBLE_DEVICES=0), but CUDA cannot start" in text, text
+    assert "NORMRES_DEVICE=cpu" in text
 
 
 @pytest.mark.slurm

@@ -6,18 +6,23 @@ or SLURM's own GPU variables) or the machine has NVIDIA device files. If such a 
 unusable (no or too old a driver, a GPU this torch build was not compiled for), it stops with a
 message naming the problem instead of training for hours on the CPU. ``NORMRES_DEVICE=cpu`` (or
 ``--device cpu``) asks for the CPU on purpose.
+
+torch is imported by the functions that need it: the Snakefile asks :func:`local_gpus` on every
+invocation, dry runs included.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from normres.errors import DeviceError
 
-__all__ = ["autocast", "configure_torch", "gpu_allotted", "select_device", "synchronize"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["autocast", "configure_torch", "gpu_allotted", "local_gpus", "select_device", "synchronize"]
 
 # cuBLAS needs one of its deterministic workspace configurations for reproducible matmuls; it must
 # be in the environment before the first cuBLAS call (PyTorch's "Reproducibility" notes).
@@ -41,8 +46,15 @@ def gpu_allotted() -> str | None:
     return None
 
 
+def local_gpus() -> int:
+    """NVIDIA GPUs of this machine (device files), without starting CUDA: the Snakefile's train rule
+    asks for one of them per job."""
+    return len(list(Path("/dev").glob("nvidia[0-9]*")))
+
+
 def _cuda_problem() -> str | None:
     """What keeps CUDA from working here, in words, or None when it works."""
+    import torch
     if not torch.backends.cuda.is_built():
         return f"this torch build ({torch.__version__}) has no CUDA support"
     try:
@@ -72,6 +84,7 @@ def select_device(requested: str | None = None) -> torch.device:
 
     :class:`DeviceError` when CUDA is asked for, or a GPU was given, but CUDA cannot be used.
     """
+    import torch
     choice = requested or os.environ.get("NORMRES_DEVICE") or None
     if choice is not None:
         device = torch.device(choice)
@@ -106,6 +119,7 @@ def configure_torch(threads: int, device: torch.device, deterministic: bool = Tr
     TF32: off unless asked for, so float32 means float32 on Ampere and later GPUs too. Returns the
     choices as recorded in ``run.json``.
     """
+    import torch
     torch.set_num_threads(max(1, int(threads)))
     if device.type == "cuda" and deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
@@ -130,10 +144,12 @@ def configure_torch(threads: int, device: torch.device, deterministic: bool = Tr
 
 def autocast(device: torch.device, bf16: bool) -> torch.autocast:
     """bfloat16 autocast when asked for on CUDA; a no-op context elsewhere."""
+    import torch
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
 
 
 def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work (timings must not end before the kernels do)."""
+    import torch
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -118,7 +118,7 @@ class CifarResNet(nn.Module):
         if config.depth < 1:
             raise ValueError(f"resnet depth n must be >= 1 (got {config.depth})")
         layers = _NormAct(norm, config.norm_options)
-        widths = R.MODELS["resnet"].widths
+        widths = R.get_model(config.model).widths
         self.stem = nn.Sequential(
             nn.Conv2d(config.in_channels, widths[0], 3, 1, 1, bias=False),
             layers.norm_layer(widths[0], act=True),
@@ -153,7 +153,7 @@ class SmallCNN(nn.Module):
 
     def __init__(self, config: ModelConfig, norm: R.NormDef) -> None:
         super().__init__()
-        spec = R.MODELS["cnn"]
+        spec = R.get_model(config.model)
         if config.depth != spec.fixed_depth:
             raise ValueError(f"cnn has a single size: depth must be {spec.fixed_depth} (got {config.depth})")
         layers = _NormAct(norm, config.norm_options)
@@ -263,7 +263,7 @@ def load_model(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a model from a normres model file without executing anything stored in it.
 
-    ``expect`` (e.g. ``{"norm": "gn", "depth": 2}``) makes a file of another architecture or norm an
+    ``expect`` (a norm, depth or model the file must hold) makes a file of another architecture or norm an
     error that says which field differs. A model of a user layer needs that layer's entry in
     ``user_norms`` (from the user's config or command line), with the same class and source hash
     as the file records; the file's reference is never imported.

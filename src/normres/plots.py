@@ -397,7 +397,8 @@ def _maybe_symlog(ax: Any, values: np.ndarray) -> None:
 def depth_effect(runs: pd.DataFrame, metric: str = "test_accuracy") -> Figure:
     """Final ``metric`` against the number of layers 6n+2 of the CIFAR ResNets (the MNIST ``cnn`` has no
     depth to vary and is skipped), one line per (norm, batch size, study) run at two or more depths."""
-    data = runs[runs["model"].astype(str) != "cnn"] if "model" in runs.columns else runs
+    fixed = [m.name for m in R.MODELS.values() if m.fixed_depth is not None]  # models of one size
+    data = runs[~runs["model"].astype(str).isin(fixed)] if "model" in runs.columns else runs
     return _effect(
         data,
         metric,

@@ -634,6 +634,14 @@ def _has_comparisons(study: Mapping[str, Any], norms: Mapping[str, NormDef]) -> 
     return any(len(grid["norm"]) > 1 for grid in study["grid"])
 
 
+def _has_depths(study: Mapping[str, Any], norms: Mapping[str, NormDef]) -> bool:
+    depths: dict[str, set[int]] = {}
+    for grid in study["grid"]:
+        for norm in grid["norm"]:
+            depths.setdefault(norm, set()).update(grid["depth"])
+    return any(len(d) > 1 for d in depths.values())
+
+
 FIGURES: dict[str, FigureDef] = {
     f.name: f
     for f in (
@@ -651,10 +659,27 @@ FIGURES: dict[str, FigureDef] = {
                   "robustness", applies=_has_robustness),  # fmt: skip
         FigureDef("comparisons", "study", "normres.plots:comparisons_forest", "comparisons.rst", "significance",
                   applies=_has_comparisons),  # fmt: skip
-        FigureDef("depth_effect", "all", "normres.plots:depth_effect_of", "depth_effect.rst", "depth"),
+        FigureDef("depth_effect", "all", "normres.plots:depth_effect_of", "depth_effect.rst", "depth",
+                  applies=_has_depths),  # fmt: skip
         FigureDef("final_accuracy", "all", "normres.plots:final_accuracy_of", "final_accuracy.rst", "final accuracy"),
     )
 }
+
+
+def figures_for(studies: Mapping[str, Mapping[str, Any]], norms: Mapping[str, NormDef]) -> list[tuple[FigureDef, str | None, str]]:
+    """``(figure, study or None, file name)`` of every figure that applies to these (validated)
+    studies: a study's figure where it applies to the study, a figure of all studies where it
+    applies to any of them."""
+    out = []
+    for figure in FIGURES.values():
+        if figure.scope == "all":
+            if any(figure.applies(s, norms) for s in studies.values()):
+                out.append((figure, None, f"{figure.name}.png"))
+            continue
+        for name, study in studies.items():
+            if figure.applies(study, norms):
+                out.append((figure, name, f"{name}_{figure.name}.png"))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from normres import registry as R
 from normres.aggregate import RUN_KEYS, mean_ci
 from normres.io import write_csv
 
@@ -48,7 +49,6 @@ COMPARISON_COLUMNS = [
 NOTE_FEW_SEEDS = "needs >= 2 seeds"
 NOTE_ZERO_VARIANCE = "zero variance of differences"
 NOTE_ALL_ZERO = "all differences are 0"
-_MODEL_NAMES = {"resnet": "ResNet", "cnn": "CNN"}
 
 
 def holm(p_values: Sequence[float]) -> np.ndarray:
@@ -206,8 +206,13 @@ def _paired_test(a: np.ndarray, b: np.ndarray, n_excluded: int) -> dict:
 
 
 def _sentence(row: Mapping, several_studies: bool) -> str:
-    model = _MODEL_NAMES.get(str(row["model"]), str(row["model"]))
-    where = f"{model} n={row['depth']}" if str(row["model"]) != "cnn" else model  # cnn has a single depth
+    definition = R.MODELS.get(str(row["model"]))
+    if definition is None:
+        where = f"{row['model']} depth {row['depth']}"
+    elif definition.fixed_depth is None:  # ResNet-14 for n=2
+        where = f"{definition.title.split(' of ')[0].removeprefix('CIFAR ')}-{definition.layers(int(row['depth']))}"
+    else:  # a model of one size
+        where = definition.title.removeprefix("the ")
     where = f"{where}, batch {row['batch_size']}"
     if several_studies:
         where = f"{row['study']}, {where}"

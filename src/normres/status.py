@@ -17,6 +17,7 @@ States: ``pending`` (nothing yet), ``running`` (training, with epoch k of E and 
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import shutil
@@ -57,6 +58,17 @@ def _read_json(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
+def _history(path: Path) -> tuple[float, float]:
+    """(last validation accuracy, mean epoch seconds) of a finished run's history.csv, or NaNs."""
+    try:
+        with open(path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r.get("val_accuracy")]
+        seconds = [float(r["seconds"]) for r in rows if r.get("seconds")]
+        return float(rows[-1]["val_accuracy"]), sum(seconds) / len(seconds)
+    except (OSError, ValueError, KeyError, IndexError, ZeroDivisionError, csv.Error):
+        return math.nan, math.nan
+
+
 def _log_of(spec: RunSpec, logs: Path, rule: str = "train") -> Path:
     return logs / rule / spec.study / spec.norm / f"n{spec.depth}_b{spec.batch_size}" / f"seed{spec.seed}.log"
 
@@ -90,7 +102,8 @@ def run_status(spec: RunSpec, epochs: int, logs: Path, running: bool) -> RunStat
         state = str(record.get("status", "completed"))
         done = int(record.get("epochs_completed", epochs))
         detail = "" if (out / "metrics.csv").exists() else "trained; evaluation pending"
-        return RunStatus(spec, state, done, epochs, log=log, detail=detail)
+        val_accuracy, seconds = _history(out / "history.csv")
+        return RunStatus(spec, state, done, epochs, val_accuracy, epoch_seconds=seconds, log=log, detail=detail)
     progress = _read_json(out / "progress.json")
     error = _log_error(log) if log.exists() else None
     if error is not None:
@@ -118,6 +131,8 @@ def study_status(config: Config, logs: Path = Path("logs")) -> list[RunStatus]:
 def _hms(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "–"
+    if seconds < 60:
+        return f"{seconds:.0f}s"
     minutes = int(round(seconds / 60))
     return f"{minutes // 60}h {minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m"
 
@@ -199,7 +214,7 @@ def partial_report(config: Config, out: Path, logs: Path = Path("logs")) -> Path
     and figures; the pending and running ones are listed."""
     from normres.aggregate import write_tables
     from normres.plots import Tables, draw_figures
-    from normres.registry import FIGURES
+    from normres.registry import figures_for
     from normres.report import report_from_files
     from normres.significance import write_comparisons
 
@@ -217,9 +232,8 @@ def partial_report(config: Config, out: Path, logs: Path = Path("logs")) -> Path
     figures_dir = out / "figures"
     if figures_dir.exists():
         shutil.rmtree(figures_dir)  # figures of an earlier partial report may no longer apply
-    wanted = [(f.name, None, figures_dir / f"{f.name}.png") for f in FIGURES.values() if f.scope == "all"]
-    wanted += [(f.name, study, figures_dir / f"{study}_{f.name}.png") for f in FIGURES.values() if f.scope == "study"
-               for study in sorted(studies) if f.applies(config.study(study), config.norms)]  # fmt: skip
+    wanted = [(f.name, study, figures_dir / name)
+              for f, study, name in figures_for({s: config.study(s) for s in sorted(studies)}, config.norms)]  # fmt: skip
 
     class _Paths:
         pass

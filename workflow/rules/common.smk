@@ -8,6 +8,7 @@ from snakemake.io import report as for_report  # `report` starts a directive at 
 from normres import registry as R
 from normres.captions import caption_path
 from normres.config import RunSpec, run_dir, validate_config
+from normres.device import local_gpus
 from normres.errors import USER_ERRORS
 
 
@@ -91,7 +92,7 @@ def get_data_mirrors(wildcards):
 def train_gpus():
     """One GPU per training job where this machine has NVIDIA GPUs (limit local GPU runs with
     --resources gpu=N); the SLURM profile sets it itself."""
-    return 1 if list(Path("/dev").glob("nvidia[0-9]*")) else 0
+    return 1 if local_gpus() else 0
 
 
 def get_norm_descriptions():
@@ -146,15 +147,10 @@ def misclassified_figures(study):
 
 def figure_files():
     """(figure definition, study or None, path) of every figure that applies to the config."""
-    out = []
-    for f in R.FIGURES.values():
-        if f.scope == "all":
-            out.append((f, None, f"results/figures/{f.name}.png"))
-            continue
-        for study, settings in CONFIG.studies.items():
-            if f.applies(settings, CONFIG.norms):
-                out.append((f, study, f"results/figures/{study}_{f.name}.png"))
-    return out
+    return [
+        (f, study, f"results/figures/{name}")
+        for f, study, name in R.figures_for(CONFIG.studies, CONFIG.norms)
+    ]
 
 
 def figure_outputs():
