@@ -25,15 +25,20 @@ __all__ = [
 ]
 
 
-def make_norm(norm: str | R.NormDef, num_channels: int, **options: Any) -> nn.Module:
+def make_norm(norm: str | R.NormDef, num_channels: int, *, apply_act: bool | None = None, **options: Any) -> nn.Module:
     """Build layer ``norm`` (a built-in name, or any registry entry) for ``num_channels`` channels.
 
     ValueError naming the layer for unknown names and for options it does not take or bounds they
-    break. A user layer's entry comes from the user's config (``normres.norms.user``); its class is
-    imported from there, never from a model file.
+    break. ``apply_act`` is the models' switch for layers that include their own nonlinearity (FRN,
+    EvoNorm), not an option of the study. A user layer's entry comes from the user's config
+    (``normres.norms.user``); its class is imported from there, never from a model file.
     """
     definition = norm if isinstance(norm, R.NormDef) else R.get_norm(norm)
     R.check_norm_options(definition, options, [num_channels])
+    if apply_act is not None:
+        if not definition.includes_activation:
+            raise ValueError(f"{definition.name}: apply_act is only for layers that include their activation")
+        options = {**options, "apply_act": apply_act}
     if definition.user is not None:
         from normres.norms.user import layer_class
 
