@@ -33,7 +33,6 @@ from normres.norms.fused import (
     GROUP,
     INSTANCE_RMS,
     check_input,
-    differentiable_moments,
     float32_statistics,
     fused_norm,
     ghost_averaging_matrix,
@@ -43,7 +42,6 @@ from normres.norms.fused import (
     memory_format_of,
     moments,
     pool,
-    scale_shift,
     stats_dtype,
 )
 from normres.registry import resolve_groups
@@ -330,7 +328,8 @@ class EvoNormB0(nn.Module):
     mode, s2_I the per-(n, c) variance over (H, W), and learned per-channel v (ones), gamma (ones)
     and beta (zeros); eps = 1e-5 and momentum 0.1 (decay 0.9) as in the reference. Only the variance
     is tracked (buffer ``running_var``, unbiased as nn.BatchNorm2d's, where the reference keeps the
-    biased one); ``momentum`` None gives a cumulative average, so PreciseBN applies.
+    biased one); ``momentum`` None gives a cumulative average, so PreciseBN applies. Both variances
+    are differentiated in training (as in the reference).
 
     ``apply_act=False`` (no activation follows: before a residual addition, in a projection
     shortcut). The reference implementation then applies only the affine, ``x * gamma + beta``,
@@ -342,6 +341,9 @@ class EvoNormB0(nn.Module):
     the normalization and drops only the term that makes it an activation: v = 0, i.e.
     ``y = x / max(sqrt(s2_B + eps), sqrt(s2_I + eps)) * gamma + beta`` -- a per-(n, c) scale, odd in
     x (no rectification), and the B0 formula itself at v = 0. It has no parameter v.
+
+    Eager, one autograd function (:class:`_EvoNormB0Function`) with the backward written out, the
+    statistics' dependence on x included; while compiling, the formula as plain ops.
     """
 
     def __init__(
@@ -370,18 +372,22 @@ class EvoNormB0(nn.Module):
     @float32_statistics
     def forward(self, x: Tensor) -> Tensor:
         x = check_input(x, self.num_channels, type(self).__name__)
-        var, mean = differentiable_moments(x)  # (N, C) each
+        var, mean = moments(x)  # (N, C) each; eager: constants (the function differentiates them)
+        batch_mean = None
         if self.training:
-            batch_var, _ = pool(var, mean, BATCH)  # (1, C), differentiated
+            batch_var, batch_mean = pool(var, mean, BATCH)  # (1, C) each
             self._track(batch_var[0].detach(), x)
         else:
             batch_var = self.running_var.to(var.dtype)[None]
-        sigma_b = torch.sqrt(batch_var + self.eps)  # (1, C)
-        sigma_i = torch.sqrt(var + self.eps)  # (N, C)
-        weight, bias = self.weight.to(var.dtype), self.bias.to(var.dtype)
-        if self.v is None:
-            return scale_shift(x, weight / torch.maximum(sigma_b, sigma_i), bias)
-        return evonorm_b0(x, self.v.to(var.dtype), sigma_b, sigma_i, weight, bias)
+        dtype = var.dtype
+        weight, bias = self.weight.to(dtype), self.bias.to(dtype)
+        v = None if self.v is None else self.v.to(dtype)
+        if fused.compiling():  # the formula itself; autograd through var_mean
+            return _evonorm_b0_composite(x, v, weight, bias, batch_var, var, self.eps)
+        with torch.no_grad():
+            sigma_b = torch.sqrt(batch_var + self.eps)  # (1, C)
+            sigma_i = torch.sqrt(var + self.eps)  # (N, C)
+        return _EvoNormB0Function.apply(x, v, weight, bias, mean, batch_mean, sigma_b, sigma_i)
 
     @torch.no_grad()
     def _track(self, batch_var: Tensor, x: Tensor) -> None:
@@ -420,6 +426,9 @@ class EvoNormS0(nn.Module):
     Here the normalization stays and the sigmoid gate goes, ``y = x / sqrt(s2_G + eps) * gamma +
     beta`` (the gate removed as in timm's EvoNorm2dS0a, which keeps the division without its
     activation); no parameter v.
+
+    Eager, one autograd function (:class:`_EvoNormS0Function`) with the backward written out, the
+    statistics' dependence on x included; while compiling, the formula as plain ops.
     """
 
     def __init__(
@@ -442,119 +451,206 @@ class EvoNormS0(nn.Module):
     @float32_statistics
     def forward(self, x: Tensor) -> Tensor:
         x = check_input(x, self.num_channels, type(self).__name__)
-        group_var, _ = pool(*differentiable_moments(x), GROUP, self.averaging)  # (N, C)
-        weight, bias = self.weight.to(group_var.dtype), self.bias.to(group_var.dtype)
-        scale = weight * torch.rsqrt(group_var + self.eps)  # (N, C): gamma / sqrt(s2_G + eps)
-        if self.v is None:
-            return scale_shift(x, scale, bias)
-        return evonorm_s0(x, self.v.to(group_var.dtype), scale, bias)
+        var, mean = moments(x)  # (N, C) each; eager: constants (the function differentiates them)
+        group_var, group_mean = pool(var, mean, GROUP, self.averaging)  # (N, C) each
+        dtype = var.dtype
+        weight, bias = self.weight.to(dtype), self.bias.to(dtype)
+        v = None if self.v is None else self.v.to(dtype)
+        if fused.compiling():  # the formula itself; autograd through var_mean
+            scale = weight * torch.rsqrt(group_var + self.eps)  # (N, C)
+            return _evonorm_s0_composite(x, v, scale, bias)
+        with torch.no_grad():
+            sigma_g = torch.sqrt(group_var + self.eps)  # (N, C)
+        return _EvoNormS0Function.apply(x, v, weight, bias, mean, group_mean, sigma_g, self.averaging)
 
     def extra_repr(self) -> str:
         return f"{self.num_channels}, groups={self.groups}, eps={self.eps}, apply_act={self.apply_act}"
 
 
-def evonorm_b0(x: Tensor, v: Tensor, sigma_b: Tensor, sigma_i: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    """``x / max(sigma_b, v * x + sigma_i) * weight + bias`` with sigma_b (1, C), sigma_i (N, C), v,
-    weight and bias (C,), differentiable in all of them; x's layout and dtype.
-
-    Eager: one autograd function in the normalized form S = max(1, a * x + b), a = v / sigma_b,
-    b = sigma_i / sigma_b, y = (weight / sigma_b) * x / S + bias, whose backward is written out;
-    while compiling, the formula itself.
-    """
+def _evonorm_b0_composite(x, v, weight, bias, batch_var, var, eps) -> Tensor:
+    """EvoNorm-B0 from plain differentiable ops (the form torch.compile traces)."""
     c = x.shape[1]
-    if fused.compiling():
-        den = torch.maximum(sigma_b.view(1, c, 1, 1), x * v.view(1, c, 1, 1) + sigma_i.view(-1, c, 1, 1))
-        return (x / den * weight.view(1, c, 1, 1) + bias.view(1, c, 1, 1)).to(x.dtype)
-    inv = 1.0 / sigma_b  # (1, C)
-    return _EvoNormB0Function.apply(x, v * inv, sigma_i * inv, weight * inv, bias)
+    sigma_b = torch.sqrt(batch_var + eps).view(1, c, 1, 1)
+    sigma_i = torch.sqrt(var + eps).view(-1, c, 1, 1)
+    if v is None:
+        y = x * (weight.view(1, c, 1, 1) / torch.maximum(sigma_b, sigma_i)) + bias.view(1, c, 1, 1)
+    else:
+        y = x / torch.maximum(sigma_b, x * v.view(1, c, 1, 1) + sigma_i) * weight.view(1, c, 1, 1) + bias.view(1, c, 1, 1)
+    return y.to(x.dtype)
+
+
+def _evonorm_s0_composite(x, v, scale, bias) -> Tensor:
+    """EvoNorm-S0 from plain differentiable ops; ``scale`` = gamma / sqrt(s2_G + eps), (N, C)."""
+    c = x.shape[1]
+    gated = x if v is None else x * torch.sigmoid(x * v.view(1, c, 1, 1))
+    return (gated * scale.view(-1, c, 1, 1) + bias.view(1, c, 1, 1)).to(x.dtype)
+
+
+def _moments_coefficients(d_var: Tensor, d_mean: Tensor, mean: Tensor, hw: int) -> tuple[Tensor, Tensor]:
+    """Per-(n, c) B, C with dx = x * B + C for cotangents of the per-(n, c) variance and mean over
+    (H, W): d var / dx = 2 (x - mean) / HW, d mean / dx = 1 / HW."""
+    coef_b = d_var * (2.0 / hw)
+    return coef_b, d_mean / hw - coef_b * mean
+
+
+def _sum_hw(t: Tensor) -> Tensor:
+    """Per-(n, c) sums over (H, W), (N, C). (Summing over (N, H, W) at once is 2.5x slower on CPUs
+    in channels_last; the (N, C) result is summed over n afterwards.)"""
+    return t.sum((2, 3))
 
 
 class _EvoNormB0Function(torch.autograd.Function):
-    """y = g * x / S + beta, S = max(1, a * x + b): a, g (1, C), b (N, C), beta (C,).
+    """EvoNorm-B0 given its statistics (constants here, their dependence on x in backward).
 
-    Backward, with R = [S > 1] (the right branch of the max), u = dy / S and h = R * dy * x / S^2:
-        dx = g * (u - a * h),  d_g = sum dy * x / S,  d_a = -g * sum h * x,  d_b = -g * sum_hw h,
-        d_beta = sum dy.
-    S is kept from forward (one tensor); R is read off it with one threshold pass.
+    With a = v / sigma_b, b = sigma_i / sigma_b, g = gamma / sigma_b, the layer is
+    y = g * x / S + beta with S = max(1, a * x + b) (elementwise; per (n, c) without activation,
+    a = 0). Backward, with R = [S > 1] (the right branch of the max), u = dy / S and
+    h = R * dy * x / S^2:
+
+        dx (direct) = g * (u - a * h),  d_g = sum dy * x / S,  d_a = -g * sum h * x,
+        d_b = -g * sum_hw h,  d_beta = sum dy,
+
+    then through a, b, g to v, gamma, sigma_b and sigma_i, and from the variances to x:
+    d_var_I = d_sigma_i / (2 sigma_i) (+ d_var_B / N in training), d_mean_I = d_var_B * 2 (mean_I -
+    mean_B) / N, added to dx as x * B + C per (n, c). S is kept from forward (one tensor) and R read
+    off it with one threshold pass; dx is written into one buffer.
     """
 
     @staticmethod
-    def forward(ctx, x, a, b, g, beta):  # type: ignore[override]
+    def forward(ctx, x, v, weight, bias, mean, batch_mean, sigma_b, sigma_i):  # type: ignore[override]
         c = x.shape[1]
-        den = torch.mul(x, a.view(1, c, 1, 1)).add_(b.view(-1, c, 1, 1)).clamp_min_(1.0)  # S (N, C, H, W)
-        y = torch.div(x, den).mul_(g.view(1, c, 1, 1)).add_(beta.view(1, c, 1, 1))
-        ctx.save_for_backward(x, a, g, den)
+        inv = 1.0 / sigma_b  # (1, C)
+        g = (weight * inv).view(1, c, 1, 1)
+        b = sigma_i * inv  # (N, C)
+        if v is None:  # S per (n, c): a per-(n, c) scale
+            den = b.clamp_min(1.0)
+            y = torch.mul(x, (g.view(1, c) / den).view(-1, c, 1, 1)).add_(bias.view(1, c, 1, 1))
+        else:
+            den = torch.addcmul(b.view(-1, c, 1, 1), x, (v * inv).view(1, c, 1, 1)).clamp_min_(1.0)  # S
+            y = torch.div(x, den)
+            y = torch.addcmul(bias.view(1, c, 1, 1), y, g, out=y)
+        ctx.save_for_backward(x, v, weight, mean, batch_mean, sigma_b, sigma_i, den)
+        ctx.has_v, ctx.training = v is not None, batch_mean is not None
         return y.to(x.dtype) if y.dtype != x.dtype else y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):  # type: ignore[override]
-        x, a, g, den = ctx.saved_tensors
-        c = x.shape[1]
+        x, v, weight, mean, batch_mean, sigma_b, sigma_i, den = ctx.saved_tensors
+        n, c, h, w = x.shape
         in_dtype, dtype = x.dtype, den.dtype
         dy = dy.contiguous(memory_format=memory_format_of(x))
         if in_dtype != dtype:
             x, dy = x.to(dtype), dy.to(dtype)
-        u = torch.div(dy, den)  # dy / S
-        h = torch.mul(u, x)  # dy * x / S
-        d_g = h.sum((0, 2, 3)).view_as(g)
-        h.div_(den)  # dy * x / S^2
-        h = torch.ops.aten.threshold_backward.grad_input(h, den, 1.0, grad_input=h)  # where S > 1
-        d_b = -g * h.sum((2, 3))  # (N, C)
-        d_a = -g * torch.mul(h, x).sum((0, 2, 3)).view_as(a)
+        inv = 1.0 / sigma_b  # (1, C)
+        g = weight * inv
+        b = sigma_i * inv  # (N, C)
+        t1 = _sum_hw(dy)  # (N, C)
+        if not ctx.has_v:  # S, R per (n, c): sums of dy and dy * x suffice
+            right = (b > 1.0).to(dtype)  # (N, C)
+            t2 = _sum_hw(torch.mul(dy, x))
+            d_g = (t2 / den).sum(0, keepdim=True)  # (1, C)
+            d_b = -g * right * t2 / den.square()  # (N, C)
+            d_a = None
+            direct = g / den  # (N, C): dx = dy * g / S + ...
+        else:
+            a = v * inv  # (1, C)
+            u = torch.div(dy, den)  # dy / S
+            e = torch.mul(u, x)  # dy * x / S
+            d_g = _sum_hw(e).sum(0, keepdim=True)
+            e.div_(den)
+            e = torch.ops.aten.threshold_backward.grad_input(e, den, 1.0, grad_input=e)  # h: where S > 1
+            d_b = -g * _sum_hw(e)
+            d_a = -g * _sum_hw(torch.mul(e, x)).sum(0, keepdim=True)
+        # through a = v / sigma_b, b = sigma_i / sigma_b, g = gamma / sigma_b
+        d_sigma_b_scaled = d_g * g + (d_b * b).sum(0, keepdim=True)  # sigma_b * d_sigma_b, negated
+        d_v = d_weight = None
+        if ctx.has_v:
+            d_sigma_b_scaled = d_sigma_b_scaled + d_a * a
+            d_v = (d_a * inv).view(-1).to(v.dtype)
+        d_weight = (d_g * inv).view(-1).to(weight.dtype)
+        d_var = d_b * inv / (2.0 * sigma_i)  # (N, C): via sigma_i = sqrt(var_I + eps)
+        d_mean = torch.zeros_like(d_var)
+        if ctx.training:  # via sigma_b = sqrt(var_B + eps), var_B pooled from the slabs' moments
+            d_var_b = -d_sigma_b_scaled * inv / (2.0 * sigma_b)  # (1, C)
+            d_var = d_var + d_var_b / n
+            d_mean = d_var_b * (2.0 / n) * (mean - batch_mean)
+        coef_b, coef_c = _moments_coefficients(d_var, d_mean, mean, h * w)
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = u.mul_(g.view(1, c, 1, 1)).addcmul_(h, (-g * a).view(1, c, 1, 1))
+            dx = torch.addcmul(coef_c.view(n, c, 1, 1), x, coef_b.view(n, c, 1, 1))
+            if ctx.has_v:
+                dx.addcmul_(u, g.view(1, c, 1, 1)).addcmul_(e, (-g * a).view(1, c, 1, 1))
+            else:
+                dx.addcmul_(dy, direct.view(n, c, 1, 1))
             if in_dtype != dtype:
                 dx = dx.to(in_dtype)
-        d_beta = dy.sum((0, 2, 3))
-        return dx, d_a, d_b, d_g, d_beta
-
-
-def evonorm_s0(x: Tensor, v: Tensor, scale: Tensor, bias: Tensor) -> Tensor:
-    """``x * sigmoid(v * x) * scale + bias`` with v, bias (C,) and scale (N, C), differentiable in all
-    of them; x's layout and dtype. Eager: one autograd function (backward below); while compiling,
-    the formula itself."""
-    c = x.shape[1]
-    if fused.compiling():
-        gate = torch.sigmoid(x * v.view(1, c, 1, 1))
-        return (x * gate * scale.view(-1, c, 1, 1) + bias.view(1, c, 1, 1)).to(x.dtype)
-    return _EvoNormS0Function.apply(x, v, scale, bias)
+        d_bias = t1.sum(0).to(weight.dtype)
+        return dx, d_v, d_weight, d_bias, None, None, None, None
 
 
 class _EvoNormS0Function(torch.autograd.Function):
-    """y = a * x * s + beta, s = sigmoid(v * x): v, beta (C,), a (N, C).
+    """EvoNorm-S0 given its group statistics (constants here, their dependence on x in backward).
 
-    Backward, with w = dy * x * s * (1 - s) (one sigmoid_backward pass):
-        dx = a * (dy * s + v * w),  d_a = sum_hw dy * x * s,  d_v = sum a * w * x,  d_beta = sum dy.
-    s is kept from forward (one tensor).
+    y = a * x * s + beta with s = sigmoid(v * x) (s = 1 without activation) and a = gamma / sigma_G
+    per (n, c). Backward, with w = dy * x * s * (1 - s) (one sigmoid_backward pass):
+
+        dx (direct) = a * (dy * s + v * w),  d_a = sum_hw dy * x * s,  d_v = sum a * w * x,
+        d_beta = sum dy,
+
+    then d_gamma = sum_n d_a / sigma_G and, through sigma_G = sqrt(var_G + eps) and the group
+    pooling (the averaging matrix M): d_var_I = M d_var_G, d_mean_I = 2 (mean_I - mean_G) M d_var_G,
+    added to dx as x * B + C per (n, c). s is kept from forward (one tensor).
     """
 
     @staticmethod
-    def forward(ctx, x, v, a, beta):  # type: ignore[override]
+    def forward(ctx, x, v, weight, bias, mean, group_mean, sigma_g, averaging):  # type: ignore[override]
         c = x.shape[1]
-        gate = torch.mul(x, v.view(1, c, 1, 1)).sigmoid_()  # s (N, C, H, W)
-        y = torch.mul(gate, x).mul_(a.view(-1, c, 1, 1)).add_(beta.view(1, c, 1, 1))
-        ctx.save_for_backward(x, v, a, gate)
+        a = (weight / sigma_g).view(-1, c, 1, 1)  # (N, C, 1, 1)
+        if v is None:
+            gate = None
+            y = torch.mul(x, a).add_(bias.view(1, c, 1, 1))
+        else:
+            gate = torch.mul(x, v.view(1, c, 1, 1)).sigmoid_()  # s
+            y = torch.mul(gate, x)
+            y = torch.addcmul(bias.view(1, c, 1, 1), y, a, out=y)
+        ctx.save_for_backward(x, v, weight, mean, group_mean, sigma_g, averaging, gate)
+        ctx.has_v = v is not None
         return y.to(x.dtype) if y.dtype != x.dtype else y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):  # type: ignore[override]
-        x, v, a, gate = ctx.saved_tensors
-        c = x.shape[1]
-        in_dtype, dtype = x.dtype, gate.dtype
+        x, v, weight, mean, group_mean, sigma_g, averaging, gate = ctx.saved_tensors
+        n, c, h, w = x.shape
+        in_dtype, dtype = x.dtype, sigma_g.dtype
         dy = dy.contiguous(memory_format=memory_format_of(x))
         if in_dtype != dtype:
             x, dy = x.to(dtype), dy.to(dtype)
+        a = weight / sigma_g  # (N, C)
+        t1 = _sum_hw(dy)
         buf = torch.mul(dy, x)
-        w = torch.ops.aten.sigmoid_backward(buf, gate)  # dy * x * s * (1 - s)
-        d_a = buf.mul_(gate).sum((2, 3))  # (N, C)
-        d_v = (a * torch.mul(w, x, out=buf).sum((2, 3))).sum(0)
+        d_v = None
+        if ctx.has_v:
+            sw = torch.ops.aten.sigmoid_backward(buf, gate)  # w = dy * x * s * (1 - s)
+            d_a = _sum_hw(buf.mul_(gate))  # (N, C)
+            d_v = (a * _sum_hw(torch.mul(sw, x, out=buf))).sum(0).to(v.dtype)
+        else:
+            d_a = _sum_hw(buf)
+        d_weight = (d_a / sigma_g).sum(0).to(weight.dtype)
+        d_var_g = -d_a * weight / (2.0 * sigma_g.pow(3))  # (N, C): via sigma_G = sqrt(var_G + eps)
+        d_var = d_var_g @ averaging.to(dtype)  # (N, C): to every channel of the group (M symmetric)
+        d_mean = 2.0 * (mean - group_mean) * d_var
+        coef_b, coef_c = _moments_coefficients(d_var, d_mean, mean, h * w)
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = torch.mul(dy, gate, out=buf).addcmul_(w, v.view(1, c, 1, 1)).mul_(a.view(-1, c, 1, 1))
+            dx = torch.addcmul(coef_c.view(n, c, 1, 1), x, coef_b.view(n, c, 1, 1), out=buf)
+            if ctx.has_v:
+                direct = sw.mul_(v.view(1, c, 1, 1)).addcmul_(dy, gate)  # dy * s + v * w
+            else:
+                direct = dy
+            dx.addcmul_(direct, a.view(n, c, 1, 1))
             if in_dtype != dtype:
                 dx = dx.to(in_dtype)
-        d_beta = dy.sum((0, 2, 3))
-        return dx, d_v, d_a, d_beta
+        d_bias = t1.sum(0).to(weight.dtype)
+        return dx, d_v, d_weight, d_bias, None, None, None, None
