@@ -116,88 +116,6 @@ def moments(x: Tensor) -> tuple[Tensor, Tensor]:
         return _slab_moments(x)
 
 
-def differentiable_moments(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-(n, c) (var, mean) of ``x``, each (N, C), that autograd differentiates.
-
-    For layers whose output is no per-(n, c) affine of x (EvoNorm): their statistics go through a
-    small graph of (N, C) ops that autograd handles, and this function carries the gradient back to
-    x analytically in one pass. While compiling, one ``var_mean``.
-    """
-    if compiling():
-        return torch.var_mean(x.to(stats_dtype(x)), dim=(2, 3), correction=0)
-    return _MomentsFunction.apply(x)
-
-
-class _MomentsFunction(torch.autograd.Function):
-    """(var, mean) per (n, c) over (H, W); backward
-    dx = (d_mean + 2 * d_var * (x - mean)) / (H * W), as x * B + C with per-(n, c) B and C."""
-
-    @staticmethod
-    def forward(ctx, x):  # type: ignore[override]
-        var, mean = _slab_moments(x)
-        ctx.save_for_backward(x, mean)
-        return var, mean
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, d_var, d_mean):  # type: ignore[override]
-        x, mean = ctx.saved_tensors
-        n, c, h, w = x.shape
-        d_var = torch.zeros_like(mean) if d_var is None else d_var
-        d_mean = torch.zeros_like(mean) if d_mean is None else d_mean
-        coef_b = (2.0 / (h * w)) * d_var  # (N, C)
-        coef_c = d_mean / (h * w) - coef_b * mean
-        dx = torch.mul(x, coef_b.view(n, c, 1, 1)).add_(coef_c.view(n, c, 1, 1))  # float32 for half x
-        return dx.to(x.dtype) if dx.dtype != x.dtype else dx
-
-
-def scale_shift(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    """``x * scale + shift`` with per-(n, c) or per-channel ``scale`` and ``shift`` (each (N|1, C),
-    any autograd graph behind them), in x's layout and dtype; computed in the statistics dtype.
-
-    Eager: one function with the backward written out (dx = dy * scale; d_scale and d_shift from
-    the per-(n, c) sums of dy * x and dy); while compiling, plain ops.
-    """
-    if compiling():
-        c = x.shape[1]
-        return (x * scale.view(-1, c, 1, 1) + shift.view(-1, c, 1, 1)).to(x.dtype)
-    return _ScaleShiftFunction.apply(x, scale, shift)
-
-
-class _ScaleShiftFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, scale, shift):  # type: ignore[override]
-        c = x.shape[1]
-        y = torch.mul(x, scale.view(-1, c, 1, 1)).add_(shift.view(-1, c, 1, 1))  # (N, C, H, W)
-        ctx.save_for_backward(x, scale, shift)
-        return y.to(x.dtype) if y.dtype != x.dtype else y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy):  # type: ignore[override]
-        x, scale, shift = ctx.saved_tensors
-        c = x.shape[1]
-        dtype = scale.dtype
-        dy = dy.contiguous(memory_format=memory_format_of(x))
-        if dy.dtype != dtype:
-            x, dy = x.to(dtype), dy.to(dtype)
-        dx = d_scale = d_shift = None
-        if ctx.needs_input_grad[0]:
-            dx = torch.mul(dy, scale.view(-1, c, 1, 1)).to(ctx.saved_tensors[0].dtype)
-        if ctx.needs_input_grad[1]:
-            d_scale = _reduce_to(torch.mul(dy, x).sum((2, 3)), scale.shape)
-        if ctx.needs_input_grad[2]:
-            d_shift = _reduce_to(dy.sum((2, 3)), shift.shape)
-        return dx, d_scale, d_shift
-
-
-def _reduce_to(t: Tensor, shape: torch.Size) -> Tensor:
-    """(N, C) per-(n, c) sums reduced to ``shape``: (N, C) as they are, (1, C) or (C,) summed over n."""
-    if t.shape == shape:
-        return t
-    return t.sum(0).view(shape)
-
-
 def mean_squares(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-(n, c) mean of x^2 over (H, W) and a zero mean, each (N, C): the uncentred statistics of
     :data:`INSTANCE_RMS`, in the (var, mean) form of :func:`moments`.
@@ -365,13 +283,13 @@ class _FusedNormFunction(torch.autograd.Function):
             x, dy = x.to(dtype), dy.to(dtype)
         d_tau = None
         if ctx.has_tau:
+            t_all = dy.sum(dim=(2, 3))  # (N, C); the part of it not passed is tau's gradient
             # z == tau (as rounded to z's dtype) where the threshold held; one buffer for both passes
             passed = torch.sub(z.to(dtype), tau.to(in_dtype).to(dtype).view(1, c, 1, 1))
-            passed = torch.ops.aten.threshold_backward.grad_input(dy, passed, 0.0, grad_input=passed)
-            if ctx.needs_input_grad[8]:
-                d_tau = (dy.sum(dim=(0, 2, 3)) - passed.sum(dim=(0, 2, 3))).to(tau.dtype)
-            dy = passed  # (N, C, H, W): dy where y > tau, else 0
-        t1 = dy.sum(dim=(2, 3))  # (N, C)
+            dy = torch.ops.aten.threshold_backward.grad_input(dy, passed, 0.0, grad_input=passed)
+        t1 = dy.sum(dim=(2, 3))  # (N, C); with a threshold: of dy where y > tau
+        if ctx.has_tau and ctx.needs_input_grad[8]:
+            d_tau = (t_all - t1).sum(0).to(tau.dtype)
         # dy * x goes into the buffer that later holds dx: one allocation for backward.
         # (bmm/vecdot over an (N*C, H*W) view are no faster on CPUs, and bmm is 3x slower
         # for H*W >= 512.)

@@ -7,9 +7,9 @@ they run on the fused function of :mod:`normres.norms.fused` (one pass for the p
 one scale-and-shift, an analytic backward from per-(n, c) sums): batch renorm is batch norm with
 weight ``gamma * r`` and bias ``beta + gamma * d``; ghost batch norm pools the moments over groups
 of samples; FRN takes the mean square without centring and applies its TLU in the same pass.
-EvoNorm's output is no affine map of x: its statistics are plain autograd ops on (N, C) tensors
-between :func:`~normres.norms.fused.differentiable_moments` and an elementwise autograd function
-written out here (:class:`_EvoNormB0Function`, :class:`_EvoNormS0Function`).
+EvoNorm's output is no affine map of x: each EvoNorm is one autograd function written out here
+(:class:`_EvoNormB0Function`, :class:`_EvoNormS0Function`), given the same per-(n, c) moments and
+carrying their dependence on x in its backward.
 
 As the classic layers, every layer keeps its input's memory layout, computes its statistics in
 float32 (float64 for float64 input) also under autocast, and takes a composite form of plain ops
