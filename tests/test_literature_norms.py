@@ -340,6 +340,36 @@ def test_running_stat_layers_follow_the_batch_norm_protocol():
             assert torch.equal(layer.running_mean, torch.zeros(8))
 
 
+@pytest.mark.parametrize("name", ["brn", "gbn", "evonorm_b0"])
+def test_precise_bn_recalibrates_them_like_batch_norm(name):
+    """normres.bnstats.recalibrated (PreciseBN) resets the layers, averages over its batches with
+    momentum None and restores the momentum; the trained model is left alone. The first layer sees
+    the stem conv's outputs, whose batch variances it must average."""
+    from normres.bnstats import recalibrated
+
+    torch.manual_seed(0)
+    model = build_model("cnn", name, 1, 1, 10)
+    first = running_stat_layers(model)[0]
+    model.train()
+    model(torch.randn(16, 1, 28, 28))  # some trained running statistics
+    trained = copy.deepcopy(model.state_dict())
+    images = torch.randint(0, 256, (24, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+
+    def normalize(x):
+        return x.float().div(255).sub(0.5).div(0.25).contiguous(memory_format=torch.channels_last)
+
+    seen = []
+    hooked = copy.deepcopy(model)  # (recalibrated copies it again, hook included)
+    running_stat_layers(hooked)[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    net = recalibrated(hooked, images, normalize, batch_size=8)
+    assert not net.training and len(seen) == 3
+    expected = torch.stack([_unbiased(x.var((0, 2, 3), unbiased=False), x.numel() // x.shape[1]) for x in seen])
+    _assert_close(running_stat_layers(net)[0].running_var, expected.mean(0))
+    assert all(m.momentum == first.momentum for m in running_stat_layers(net))
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, trained[key])
+
+
 # --------------------------------------------------------------------------------------------
 # batch renorm: schedule, clipping, stop-gradient
 
