@@ -65,3 +65,22 @@ def settings_for(norm="bn", model="cnn", depth=1, batch_size=32, seed=0, **study
     study.update(study_overrides)
     config = validate_config({"studies": {"t": study}})
     return config.run_settings(RunSpec("t", norm, depth, batch_size, seed))
+
+
+def train_one_epoch_then_stop(monkeypatch, settings, data, out, **kw) -> None:
+    """Train ``settings`` for one epoch into ``out`` and stop the job there, as a kill would: a
+    checkpoint of epoch 1 is left behind."""
+    from normres import train as T
+
+    original, calls = T.train_one_epoch, {"n": 0}
+
+    def stop_after_one(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(T, "train_one_epoch", stop_after_one)
+        with pytest.raises(KeyboardInterrupt):
+            T.train_run(settings, data, out, threads=1, **kw)

@@ -23,7 +23,7 @@ from normres.evaluate import evaluate_run
 from normres.models import build_model, is_finite, load_model
 from normres.norms import make_norm
 
-from conftest import make_prepared, settings_for
+from conftest import make_prepared, settings_for, train_one_epoch_then_stop
 from test_norms import SMALL_OPTIONS, _assert_close, _forward_backward, _input, _randomise_affine, _reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -162,18 +162,7 @@ def test_divergence_on_cuda_keeps_finite_weights(tmp_path):
 
 
 def test_a_cuda_checkpoint_is_not_resumed_on_the_cpu(tmp_path, prepared, monkeypatch):
-    original, calls = T.train_one_epoch, {"n": 0}
-
-    def stop_after_one(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(T, "train_one_epoch", stop_after_one)
-    with pytest.raises(KeyboardInterrupt):
-        T.train_run(settings_for(), prepared, tmp_path / "run", threads=1)
-    monkeypatch.setattr(T, "train_one_epoch", original)
+    train_one_epoch_then_stop(monkeypatch, settings_for(), prepared, tmp_path / "run")  # on CUDA
     with pytest.raises(ValueError, match="written by this run on cuda, but this job runs on cpu"):
         T.train_run(settings_for(), prepared, tmp_path / "run", threads=1, device="cpu")
 

@@ -10,7 +10,7 @@ from normres.evaluate import evaluate_run, predict_csv
 from normres.io import read_json
 from normres.models import build_model, load_model
 
-from conftest import settings_for
+from conftest import settings_for, train_one_epoch_then_stop
 
 TIMING = ["seconds", "images_per_s"]
 
@@ -94,25 +94,13 @@ def test_checkpoint_of_other_settings_is_not_resumed(tmp_path, prepared, monkeyp
 def test_checkpoint_of_another_device_type_is_kept_and_refused(tmp_path, prepared, monkeypatch):
     """CUDA and the CPU draw batch order and augmentation from different random streams: a checkpoint
     written on one is never resumed on the other (nor thrown away)."""
-    original = T.train_one_epoch
     settings = settings_for(epochs=2)
     out = tmp_path / "r"
-    calls = {"n": 0}
-
-    def stop_after_one(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(T, "train_one_epoch", stop_after_one)
-    with pytest.raises(KeyboardInterrupt):
-        T.train_run(settings, prepared, out, threads=1)
+    train_one_epoch_then_stop(monkeypatch, settings, prepared, out)
     ck = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ck["device_type"] == "cpu"
     ck["device_type"] = "cuda"
     torch.save(ck, out / "checkpoint.pt")
-    monkeypatch.setattr(T, "train_one_epoch", original)
     with pytest.raises(ValueError, match="written by this run on cuda, but this job runs on cpu"):
         T.train_run(settings, prepared, out, threads=1)
     assert (out / "checkpoint.pt").exists() and not (out / "checkpoint.stale.pt").exists()

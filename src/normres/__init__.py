@@ -1,3 +1,3 @@
 """normres: a reproducible Snakemake study of normalization layers in deep CNNs."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

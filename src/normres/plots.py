@@ -847,8 +847,10 @@ def bn_statistics(runs: pd.DataFrame, title: str | None = None) -> Figure:
             mean, lo, hi = _mean_ci(g[column].dropna().to_numpy())
             err = np.nan_to_num(np.array([[mean - lo], [hi - mean]]))
             ax.bar(i + (k - 1) * width, mean, width, yerr=err, color=shades[k], capsize=3,
-                   label=name if i == 0 else None)  # fmt: skip
-            ax.text(i + (k - 1) * width, mean + err[1, 0], f"{mean:.3f}", ha="center", va="bottom", fontsize=6, rotation=90)
+                   label=name if i == 0 else None, error_kw={"clip_on": True})  # fmt: skip
+            # the value inside the bar's top: a wide CI (two seeds) must not push it off the figure
+            ax.text(i + (k - 1) * width, mean - 0.005, f"{mean:.3f}", ha="center", va="top", fontsize=7,
+                    rotation=90, color="white")  # fmt: skip
     labels = [_label(study, norm, depth, batch_size, varying) for (study, norm, depth, batch_size), _ in groups]
     ax.set_xticks(range(len(groups)), labels, fontsize=8, rotation=20, ha="right")
     lo = float(np.nanmin(data[list(BN_STATISTICS)].to_numpy()))

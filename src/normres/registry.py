@@ -364,11 +364,7 @@ def norm_names(extra: Iterable[str] = ()) -> list[str]:
 
 def get_norm(name: str, user: Mapping[str, NormDef] | None = None) -> NormDef:
     """The definition of layer ``name`` (a built-in one, or one of ``user``)."""
-    if name in NORMS:
-        return NORMS[name]
-    if user and name in user:
-        return user[name]
-    raise ValueError(f"unknown norm {name!r} (choose from: {', '.join(norm_names(user or ()))})")
+    return _lookup({**NORMS, **(user or {})}, "norm", name)
 
 
 def norm_rank(name: str, order: Sequence[str] = ()) -> tuple[int, str]:
@@ -476,11 +472,16 @@ MODELS: dict[str, ModelDef] = {
 }
 
 
-def get_model(name: str) -> ModelDef:
+def _lookup(table: Mapping[str, Any], kind: str, name: str) -> Any:
+    """``table[name]``, or a ValueError naming the bad name and the valid ones."""
     try:
-        return MODELS[name]
+        return table[name]
     except KeyError:
-        raise ValueError(f"unknown model {name!r} (choose from: {', '.join(MODELS)})") from None
+        raise ValueError(f"unknown {kind} {name!r} (choose from: {', '.join(table)})") from None
+
+
+def get_model(name: str) -> ModelDef:
+    return _lookup(MODELS, "model", name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -583,10 +584,7 @@ DATASETS: dict[str, DatasetDef] = {
 
 
 def get_dataset(name: str) -> DatasetDef:
-    try:
-        return DATASETS[name]
-    except KeyError:
-        raise ValueError(f"unknown dataset {name!r} (choose from: {', '.join(DATASETS)})") from None
+    return _lookup(DATASETS, "dataset", name)
 
 
 # ---------------------------------------------------------------------------------------------
