@@ -88,7 +88,7 @@ class BatchRenorm(_BatchStatistics):
     None: cumulative average). The paper keeps a running sigma instead of a variance; keeping
     nn.BatchNorm2d's buffers lets PreciseBN recompute them like batch norm's.
 
-    The clipping follows the paper's schedule (section 4): r_max = 1, d_max = 0 (plain batch norm)
+    The clipping follows the schedule of the paper's experiments: r_max = 1, d_max = 0 (plain batch norm)
     for ``warmup_steps`` = 5000 training steps, then raised linearly to ``r_max`` = 3 over
     ``r_max_ramp_steps`` = 35000 steps (reached at step 40k) and to ``d_max`` = 5 over
     ``d_max_ramp_steps`` = 20000 steps (reached at step 25k). The step count is the buffer
@@ -218,7 +218,7 @@ class GhostBatchNorm(_BatchStatistics):
     ) -> None:
         super().__init__(num_channels, eps, momentum)
         self.virtual_batch_size = virtual_batch_size
-        self._averaging: dict[tuple[int, torch.device], Tensor] = {}  # (N, N) per batch size, eager
+        self._cache: dict[tuple, tuple[Tensor, Tensor]] = {}  # per batch shape: see _ghosts
 
     @float32_statistics
     def forward(self, x: Tensor) -> Tensor:
@@ -235,21 +235,23 @@ class GhostBatchNorm(_BatchStatistics):
                 f"{type(self).__name__}: expected more than 1 value per channel in every ghost batch, got input "
                 f"shape {tuple(x.shape)} with ghost batches of {sizes} samples"
             )
-        averaging = self._averaging_matrix(n, x.device)
+        averaging, unbiased = self._ghosts(sizes, h * w, x.device)
         var, mean = pool(*moments(x), GHOST, averaging)  # (N, C): each sample's ghost batch statistics
         with torch.no_grad():
-            counts = torch.tensor([s * h * w for s in sizes for _ in range(s)], dtype=var.dtype, device=var.device)
-            unbiased = var * (counts / (counts - 1))[:, None]  # (N, C)
-            self._track(mean.mean(0), unbiased.mean(0))
+            self._track(mean.mean(0), (var * unbiased).mean(0))
         return fused_norm(x, self.weight, self.bias, [(var, mean)], (GHOST,), self.eps, averaging=averaging)
 
-    def _averaging_matrix(self, n: int, device: torch.device) -> Tensor:
-        if fused.compiling():  # built in the graph (static shapes); no Python-side cache to trace
-            return ghost_averaging_matrix(n, self.virtual_batch_size, device)
-        key = (n, device)
-        if key not in self._averaging:
-            self._averaging[key] = ghost_averaging_matrix(n, self.virtual_batch_size, device)
-        return self._averaging[key]
+    def _ghosts(self, sizes: list[int], hw: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The (N, N) ghost averaging matrix and the (N, 1) unbiasing factors K / (K - 1) of each
+        sample's ghost batch (K = its values per channel); built once per batch shape (eager)."""
+        key = (tuple(sizes), hw, device)
+        if key in self._cache:
+            return self._cache[key]
+        counts = torch.tensor([s * hw for s in sizes for _ in range(s)], dtype=torch.float32, device=device)
+        built = ghost_averaging_matrix(sum(sizes), self.virtual_batch_size, device), (counts / (counts - 1))[:, None]
+        if not fused.compiling():  # while tracing: built in the graph, no Python-side cache
+            self._cache[key] = built
+        return built
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"
@@ -262,7 +264,7 @@ class GhostBatchNorm(_BatchStatistics):
 class FilterResponseNorm(_AffineNorm):
     """Filter response normalization with the thresholded linear unit (Singh & Krishnan 2020,
     "Filter Response Normalization Layer: Eliminating Batch Dependence in the Training of Deep
-    Neural Networks", CVPR; equations 1-3 and Listing 1).
+    Neural Networks", CVPR; its equations and Listing 1, the TensorFlow reference).
 
     Per sample and channel, no mean subtracted::
 
@@ -317,7 +319,7 @@ def evonorm_groups(num_channels: int, groups: int | None = None, channels_per_gr
 
 class EvoNormB0(nn.Module):
     """EvoNorm-B0 (Liu, Brock, Simonyan & Le 2020, "Evolving Normalization-Activation Layers",
-    NeurIPS; table 1 and the reference implementation, tensorflow/tpu
+    NeurIPS; the paper's definition and its reference implementation, tensorflow/tpu
     ``models/official/resnet/resnet_model.py``, ``evonorm``).
 
     A batch-dependent normalization-activation layer::
@@ -407,7 +409,7 @@ class EvoNormB0(nn.Module):
 
 class EvoNormS0(nn.Module):
     """EvoNorm-S0 (Liu, Brock, Simonyan & Le 2020, "Evolving Normalization-Activation Layers",
-    NeurIPS; table 1 and the reference implementation, tensorflow/tpu
+    NeurIPS; the paper's definition and its reference implementation, tensorflow/tpu
     ``models/official/resnet/resnet_model.py``, ``evonorm``).
 
     A batch-independent normalization-activation layer::
