@@ -53,8 +53,11 @@ def test_names_in_the_schema_cli_and_wildcards_come_from_the_registry():
 
     schema_text = (REPO / "src/normres/schema/config.schema.yaml").read_text()
     assert not any(f"[{n}," in schema_text or f" {n}]" in schema_text for n in R.NORMS)
-    train = next(a for a in build_parser()._subparsers._group_actions[0].choices["train"]._actions if a.dest == "norm")
-    assert list(train.choices) == list(R.NORMS)
+    commands = build_parser()._subparsers._group_actions[0].choices
+    prepare = next(a for a in commands["prepare"]._actions if a.dest == "dataset")
+    assert list(prepare.choices) == list(R.DATASETS)
+    train = next(a for a in commands["train"]._actions if a.dest == "norm")
+    assert ", ".join(R.NORMS) in train.help
     common = (REPO / "workflow/rules/common.smk").read_text()
     assert 'norm="|".join(map(re.escape, CONFIG.norms))' in common
 

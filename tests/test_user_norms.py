@@ -53,6 +53,7 @@ def test_a_good_layer_is_registered_with_its_hash(tmp_path):
     config = validate_config(config_with(tmp_path, options={"eps": 1e-5}), tmp_path)
     norm = config.norms["mine"]
     assert norm.user.endswith("mine.py:Scale") and len(norm.sha256) == 64 and not norm.running_stats
+    assert not norm.batch_dependent and norm.title == "Scale (your layer)"  # found by probing
     assert norm.description.startswith("Divides by the RMS")
     settings = config.run_settings(RunSpec("s", "mine", 1, 32, 0))
     assert settings.norm_class == norm.user and settings.norm_sha256 == norm.sha256
@@ -70,7 +71,7 @@ def test_editing_the_file_changes_exactly_its_runs_settings(tmp_path):
 
 def test_running_statistics_are_found_by_probing(tmp_path):
     config = validate_config(config_with(tmp_path, cls="Running"), tmp_path)
-    assert config.norms["mine"].running_stats
+    assert config.norms["mine"].running_stats and config.norms["mine"].batch_dependent
     assert config.has_bn_statistics(RunSpec("s", "mine", 1, 32, 0))
 
 

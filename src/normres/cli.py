@@ -173,6 +173,9 @@ def _train(args: argparse.Namespace) -> None:
     else:
         if args.set or args.study:
             raise ValueError("--study and --set need --config (without it, the flags describe the run)")
+        if args.norm not in R.NORMS:
+            what = f"unknown norm {args.norm!r}" if args.norm else "--norm is required"
+            raise ValueError(f"{what} (choose from: {', '.join(R.NORMS)}; a config's own layers need --config)")
         study = _shorthand_study(args)
         config = validate_config({"studies": {"cli": study}})
         grid = study["grid"][0]
@@ -284,7 +287,7 @@ def _protocol_default(key: str) -> str:
     value: Any = settings
     for part in key.split("."):
         value = value[part]
-    return f"{value} (the earlier study's)"
+    return f"{value}, the earlier study's"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -319,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="config file whose study to run")
     s.add_argument("--study", help="study of --config")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="change a study setting (YAML value), e.g. epochs=5, optimizer.lr=0.01 (repeatable)")
-    s.add_argument("--norm", default=None, choices=R.norm_names(), metavar="NORM",
+    s.add_argument("--norm", default=None, metavar="NORM",  # no choices: a config may add its own layers
                    help=f"normalization layer ({', '.join(R.NORMS)}; a config's own layers with --config)")
     s.add_argument("--seed", type=int, help="random seed (default: the study's only seed; 0 without --config)")
     s.add_argument("--depth", type=int, help="ResNet n, 6n+2 layers (default: the study's only depth; 2 without --config)")

@@ -414,15 +414,16 @@ def user_norm(name: str, class_ref: str, sha256: str) -> NormDef:
         normalizes_over="(user-defined)",
         description=f"User layer {class_ref}.",
         citation="(user layer)",
-        batch_dependent=True,  # unknown: treated as possibly batch-dependent
+        batch_dependent=True,  # until probing says otherwise
         user=class_ref,
         sha256=sha256,
     )
 
 
-def with_probe(norm: NormDef, *, running_stats: bool, description: str | None) -> NormDef:
+def with_probe(norm: NormDef, *, running_stats: bool, batch_dependent: bool, title: str, description: str | None) -> NormDef:
     """A user layer's entry completed with what probing it found out."""
-    return replace(norm, running_stats=running_stats, description=description or norm.description)
+    return replace(norm, running_stats=running_stats, batch_dependent=batch_dependent, title=title,
+                   description=description or norm.description)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -629,7 +630,7 @@ def _has_robustness(study: Mapping[str, Any], norms: Mapping[str, NormDef]) -> b
 
 
 def _has_comparisons(study: Mapping[str, Any], norms: Mapping[str, NormDef]) -> bool:
-    return any(len(grid["norm"]) > 1 for grid in study["grid"])
+    return len(study["seeds"]) > 1 and any(len(grid["norm"]) > 1 for grid in study["grid"])
 
 
 def _has_depths(study: Mapping[str, Any], norms: Mapping[str, NormDef]) -> bool:

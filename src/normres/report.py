@@ -249,13 +249,32 @@ def _data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
 
 
-def _figures(figures: Mapping[str, Path], captions: Mapping[str, str]) -> tuple[list[dict], list[dict]]:
+def _figure_order(name: str, studies: list[str]) -> tuple[int, int, str]:
+    """Figures grouped by study (in the order of ``studies``), those of all studies last, each group in
+    the registry's order."""
+    names = list(R.FIGURES)
+    for figure in sorted(names, key=len, reverse=True):
+        if name == figure:
+            return len(studies), names.index(figure), ""
+        study = name.removesuffix(f"_{figure}")
+        if study != name and study in studies:
+            return studies.index(study), names.index(figure), study
+    return len(studies) + 1, 0, ""
+
+
+def _figures(figures: Mapping[str, Path], captions: Mapping[str, str], studies: list[str]) -> tuple[list[dict], list[dict]]:
+    """The figures as the template shows them: main figures (each with its group: a study, or all
+    studies) and misclassified grids."""
     main, grids = [], []
     for name, path in figures.items():
         if not Path(path).is_file():
             raise FileNotFoundError(f"figure {name!r}: no file at {path}")
         entry = {"name": name, "caption": captions.get(name) or figure_caption(name), "uri": _data_uri(path)}
         (grids if _MISCLASSIFIED.search(name) else main).append(entry)
+    for entry in main:
+        order = _figure_order(entry["name"], studies)
+        entry["order"], entry["group"] = order, (f"Study {order[2]}" if order[2] else "All studies")
+    main.sort(key=lambda e: e["order"])
     return main, grids
 
 
@@ -420,11 +439,11 @@ def _robustness_view(runs: pd.DataFrame, robustness: pd.DataFrame | None) -> dic
                      "error": _fmt(1 - corrupted), "adapted": _fmt(adapted.mean()) if len(adapted) else "left as trained",
                      "gain": f"{adapted.mean() - corrupted:+.4f}" if len(adapted) else "–"})  # fmt: skip
     best = max(rows, key=lambda r: float(r["corrupted"]))
-    sentence = (
-        f"Highest mean corruption accuracy: {best['norm']} ({best['corrupted']}, study {best['study']}). "
-        "Layers without running statistics (group, layer, instance norm, FRN, none) have nothing to re-estimate "
-        "and are evaluated as trained."
-    )
+    as_trained = sorted({r["norm"] for r in rows if r["gain"] == "–"}, key=_norm_rank)
+    sentence = f"Highest mean corruption accuracy: {best['norm']} ({best['corrupted']}, study {best['study']})."
+    if as_trained:
+        sentence += (f" {', '.join(as_trained)} keep{'s' if len(as_trained) == 1 else ''} no running statistics: "
+                     "nothing to re-estimate, evaluated as trained.")  # fmt: skip
     return {"rows": rows, "sentence": sentence}
 
 
@@ -432,7 +451,11 @@ def _comparisons_view(comparisons: pd.DataFrame | None) -> dict[str, Any]:
     from normres.significance import describe
 
     if comparisons is None or comparisons.empty:
-        return {"rows": [], "sentences": []}
+        return {"rows": [], "sentences": [], "few_seeds": []}
+    few = comparisons["note"].astype(str).eq("needs >= 2 seeds")
+    few_seeds = [f"{study}: {n} comparison{'s' if n > 1 else ''} with fewer than 2 paired seeds (not tested)"
+                 for study, n in comparisons[few].groupby("study").size().items()]  # fmt: skip
+    comparisons = comparisons[~few]
     rows = []
     for _, r in comparisons.iterrows():
         rows.append({"study": r["study"], "depth": r["depth"], "batch_size": r["batch_size"], "norm": r["norm"],
@@ -440,7 +463,7 @@ def _comparisons_view(comparisons: pd.DataFrame | None) -> dict[str, Any]:
                      "ci": f"[{_fmt(r['ci95_low'])}, {_fmt(r['ci95_high'])}]", "p": _fmt(r["p_value"]),
                      "p_holm": _fmt(r["p_holm"]), "significant": bool(r["significant"]) if pd.notna(r["significant"]) else False,
                      "note": r["note"] if isinstance(r["note"], str) else ""})  # fmt: skip
-    return {"rows": rows, "sentences": describe(comparisons)}
+    return {"rows": rows, "sentences": describe(comparisons) if not comparisons.empty else [], "few_seeds": few_seeds}
 
 
 def build_report(
@@ -466,7 +489,8 @@ def build_report(
     layers used; ``pending``: runs not finished yet (a partial report lists them).
     """
     out = Path(out)
-    main, grids = _figures({k: Path(v) for k, v in figures.items()}, captions or {})
+    studies = sorted(runs["study"].astype(str).unique()) if "study" in runs.columns else []
+    main, grids = _figures({k: Path(v) for k, v in figures.items()}, captions or {}, studies)
     n_diverged = int((runs["status"].astype(str) == "diverged").sum()) if "status" in runs.columns else 0
     html = (
         _environment()
@@ -475,7 +499,7 @@ def build_report(
             title=title,
             n_runs=len(runs),
             n_diverged=n_diverged,
-            studies=sorted(runs["study"].astype(str).unique()) if "study" in runs.columns else [],
+            studies=studies,
             setup=_setup_tables(setup),
             layers=_layers_table(norms or {}),
             summary=_summary_table(summary, runs),

@@ -143,8 +143,9 @@ def layer_class(norm: R.NormDef) -> type:
 # Probing
 
 
-def probe(cls: type, options: Mapping[str, Any], channels: list[int], where: str) -> bool:
-    """Check the contract for every channel count; return whether the layer keeps running statistics.
+def probe(cls: type, options: Mapping[str, Any], channels: list[int], where: str) -> tuple[bool, bool]:
+    """Check the contract for every channel count; return whether the layer keeps running statistics
+    and whether its training-mode output for one sample depends on the other samples of the batch.
 
     ConfigError at ``where`` for: a signature that does not take ``(num_channels, **options)``, a
     constructor that fails or returns something else, a forward that fails, changes the shape or
@@ -157,7 +158,7 @@ def probe(cls: type, options: Mapping[str, Any], channels: list[int], where: str
         signature = inspect.signature(cls)
     except (TypeError, ValueError):
         signature = None
-    running = False
+    running = batch_dependent = False
     for c in channels:
         if signature is not None:
             try:
@@ -178,7 +179,20 @@ def probe(cls: type, options: Mapping[str, Any], channels: list[int], where: str
             for layout, fmt in (("NCHW", torch.contiguous_format), ("channels_last", torch.channels_last)):
                 _probe_once(layer, x.contiguous(memory_format=fmt), fmt, f"{where}: {name}({c}) in {mode} mode, {layout} input", mode == "train")
         running = running or _keeps_running_stats(layer)
-    return running
+        batch_dependent = batch_dependent or _depends_on_the_batch(layer, x)
+    return running, batch_dependent
+
+
+@torch.no_grad()
+def _depends_on_the_batch(layer: nn.Module, x: Tensor) -> bool:
+    """Whether sample 0's training-mode output changes when the other samples change (on a copy:
+    running statistics are not touched)."""
+    import copy
+
+    layer = copy.deepcopy(layer).train()
+    other = x.clone()
+    other[1:] = other[1:] * 3 + 2
+    return not torch.allclose(layer(x)[0], layer(other)[0], rtol=1e-5, atol=1e-6)
 
 
 def _probe_once(layer: nn.Module, x: Tensor, fmt: torch.memory_format, what: str, backward: bool) -> None:
@@ -230,7 +244,7 @@ def load_user_norms(cfg: Mapping[str, Any], base_dir: Path) -> dict[str, R.NormD
             norm = R.user_norm(name, ref, sha)
         except ValueError as exc:
             raise ConfigError(f"{where}: {exc}") from None
-        running = False
+        running = batch_dependent = False
         probes = [(f"config error at norms.{name}", dict(entry["options"]), (16,))]
         for study_name, study in cfg["studies"].items():
             depths = {d for g in study["grid"] if name in g["norm"] for d in g["depth"]}
@@ -240,7 +254,10 @@ def load_user_norms(cfg: Mapping[str, Any], base_dir: Path) -> dict[str, R.NormD
                 channels = tuple(R.get_model(study["model"]).norm_channels(depth))
                 probes.append((key, options, channels))
         for key, options, channels in {repr(p[1:]): p for p in probes}.values():  # each distinct probe once
-            running = probe(cls, options, list(channels), key) or running
+            found = probe(cls, options, list(channels), key)
+            running, batch_dependent = running or found[0], batch_dependent or found[1]
         doc = inspect.getdoc(cls)
-        out[name] = R.with_probe(norm, running_stats=running, description=doc.split("\n\n")[0].replace("\n", " ") if doc else None)
+        summary = " ".join(doc.split("\n\n")[0].replace("``", "").split()) if doc else None
+        out[name] = R.with_probe(norm, running_stats=running, batch_dependent=batch_dependent,
+                                 title=f"{cls.__name__} (your layer)", description=summary)  # fmt: skip
     return out
