@@ -80,3 +80,20 @@ def test_the_train_rule_declares_a_gpu_resource():
     text = (REPO / "workflow/rules/train.smk").read_text()
     assert re.search(r"resources:\s+gpu=train_gpus\(\)", text)
     assert "--resources gpu=" in (REPO / "README.md").read_text()
+
+
+def test_the_benchmarks_cpu_rows_run_on_the_cpu(monkeypatch, tmp_path):
+    """On a GPU machine the bench's CPU rows (end-to-end epoch, peak RSS, parallel jobs) must not
+    silently run on the GPU: each training job it starts names its device."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench", REPO / "benchmarks/bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    started = []
+    monkeypatch.setattr(bench.subprocess, "Popen", lambda cmd, **kw: started.append(cmd))
+    bench.train_job(tmp_path, tmp_path / "out", 1, 100, None, "cpu")
+    assert started[0][started[0].index("--device") + 1] == "cpu"
+    source = (REPO / "benchmarks/bench.py").read_text()
+    calls = re.findall(r"(?<!def )train_job\(([^()]*)\)", source)
+    assert len(calls) == 4 and all(args.endswith(('"cpu"', '"cuda"')) for args in calls), calls

@@ -3,7 +3,9 @@ import re
 import sys
 from pathlib import Path
 
-from snakemake.io import report as for_report  # `report` starts a directive at the start of a line
+from snakemake.io import (
+    report as for_report,
+)  # `report` starts a directive at the start of a line
 
 from normres import registry as R
 from normres.captions import caption_path
@@ -11,12 +13,12 @@ from normres.config import RunSpec, run_dir, validate_config
 from normres.device import local_gpus
 from normres.errors import USER_ERRORS
 
-
 # Validate before any job starts: one message naming the key, the bad value and what is allowed
 # (and nothing else: no traceback). User layers' paths are relative to the config file naming them.
 try:
     CONFIG = validate_config(
-        config, Path(workflow.configfiles[-1]).parent if workflow.configfiles else Path(".")
+        config,
+        Path(workflow.configfiles[-1]).parent if workflow.configfiles else Path("."),
     )
 except USER_ERRORS as exc:
     sys.exit(str(exc))
@@ -60,7 +62,9 @@ def get_bn_statistics(wildcards):
 
 def get_robustness(wildcards):
     settings = CONFIG.robustness_settings(wildcards.study)
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(settings).items()}
+    return {
+        k: list(v) if isinstance(v, tuple) else v for k, v in vars(settings).items()
+    }
 
 
 def get_dataset_file(wildcards):
@@ -101,7 +105,14 @@ def get_norm_descriptions():
     return {
         name: {
             k: getattr(CONFIG.norms[name], k)
-            for k in ("title", "normalizes_over", "description", "citation", "batch_dependent", "running_stats")
+            for k in (
+                "title",
+                "normalizes_over",
+                "description",
+                "citation",
+                "batch_dependent",
+                "running_stats",
+            )
         }
         for name in used
     }
@@ -122,7 +133,9 @@ def get_run_files(name, study=None):
 
 def get_robustness_files(wildcards):
     return [
-        str(r.run_dir / "robustness.csv") for r in RUNS if CONFIG.has_robustness(r.study)
+        str(r.run_dir / "robustness.csv")
+        for r in RUNS
+        if CONFIG.has_robustness(r.study)
     ]
 
 

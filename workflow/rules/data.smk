@@ -24,8 +24,8 @@ rule corrupt:
         "results/benchmarks/corrupt/{dataset}.tsv"
     conda:
         "../envs/normres.yaml"
+    threads: 2
     params:
         images=get_corrupted_images,
-    threads: 2
     script:
         "../scripts/corrupt.py"

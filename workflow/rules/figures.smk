@@ -27,7 +27,11 @@ rule misclassified:
             caption=caption_path("misclassified.rst"),
             category="{study}",
             subcategory="misclassified images",
-            labels={"norm": "{norm}", "depth": "{depth}", "batch size": "{batch_size}"},
+            labels={
+                "norm": "{norm}",
+                "depth": "{depth}",
+                "batch size": "{batch_size}",
+            },
         ),
     log:
         "logs/figures/misclassified/{study}/{norm}_n{depth}_b{batch_size}.log",
