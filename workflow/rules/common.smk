@@ -3,9 +3,7 @@ import re
 import sys
 from pathlib import Path
 
-from snakemake.io import (
-    report as for_report,
-)  # `report` starts a directive at the start of a line
+import snakemake.io as smk_io  # its report(): a line starting with `report` is a directive
 
 from normres import registry as R
 from normres.captions import caption_path
@@ -169,7 +167,7 @@ def figure_files():
 def figure_outputs():
     """The figures rule's outputs, each flagged for Snakemake's report with its caption."""
     return [
-        for_report(
+        smk_io.report(
             path,
             caption=caption_path(f.caption),
             category=study or "all studies",
