@@ -488,6 +488,39 @@ def test_frn_tlu_thresholds_and_passes_gradient_to_tau():
     assert torch.all(y[:, 1] >= 0) and torch.any(y[:, 1] == 0)
 
 
+@pytest.mark.parametrize("variant", ["evonorm_b0", "evonorm_s0"])
+@pytest.mark.parametrize("path", ["shortcut", "direct"])
+def test_evonorm_gradient_of_v_both_ways(variant, path, monkeypatch):
+    """v's gradient (and B0's d_a) is read off other sums (shortcut) unless some |v| is small, when it
+    is summed directly: both against float64 references, and the choice itself."""
+    layer = _layer(variant)
+    with torch.no_grad():
+        layer.v.copy_(torch.tensor([1.0, -0.7, 0.3, 2.0, -1.5, 0.5, 1.2, -0.2]))
+    assert not literature._exact_near_zero(layer.v, torch.zeros(1))
+    if path == "direct":
+        monkeypatch.setattr(literature, "_exact_near_zero", lambda v, x: True)
+    x, dy = _input((6, 8, 16, 16), seed=7), torch.randn(6, 8, 16, 16)
+    reference_layer = copy.deepcopy(layer).double()
+    y_ref, dx_ref, grads_ref = _reference_grads(reference_layer, x.double(), dy.double(), None)
+    y, dx, grads = _forward_backward(layer, x, dy)
+    _assert_close(y, y_ref.float())
+    _assert_close(dx, dx_ref.float())
+    for key in grads:
+        _assert_close(grads[key], grads_ref[key].float())
+
+
+@pytest.mark.parametrize("variant", ["evonorm_b0", "evonorm_s0"])
+def test_evonorm_gradient_of_small_v_is_exact(variant):
+    layer = _layer(variant)
+    with torch.no_grad():
+        layer.v.copy_(torch.tensor([0.0, 1e-6, -1e-3, 0.05, 1.0, -1.0, 0.5, 2.0]))
+    assert literature._exact_near_zero(layer.v, torch.zeros(1))
+    x, dy = _input((6, 8, 16, 16), seed=8), torch.randn(6, 8, 16, 16)
+    _, _, grads_ref = _reference_grads(copy.deepcopy(layer).double(), x.double(), dy.double(), None)
+    _, _, grads = _forward_backward(layer, x, dy)
+    _assert_close(grads["v"], grads_ref["v"].float())
+
+
 def test_evonorm_without_activation_normalizes_and_is_odd():
     """No plain affine before residual additions: the output scale does not follow the input's, and
     y - beta is odd in x (no rectification)."""
