@@ -120,17 +120,21 @@ def slurm_cluster():
         subprocess.run([str(REPO / ".ci/slurm/stop.sh")], capture_output=True, timeout=120)
 
 
+USER_LAYER = "rms"  # the tiny config's own layer: the scenario's runs use it, through every SLURM job
+
+
 def study_config() -> dict:
-    """Two runs (seeds 0, 1) of the first condition of the tiny config's `resnet` study (else its first
-    study), EPOCHS epochs each."""
+    """Two runs (seeds 0, 1) of the tiny config's `resnet` study with its user layer (examples/norms.py,
+    named by an absolute path: the config is written outside the repository), EPOCHS epochs each."""
     tiny = yaml.safe_load((REPO / ".test/config.yaml").read_text())
-    studies = tiny["studies"]
-    study = copy.deepcopy(studies.get("resnet") or next(iter(studies.values())))
+    study = copy.deepcopy(tiny["studies"]["resnet"])
     first = study["grid"][0]
-    study["grid"] = [{k: [v[0]] for k, v in first.items()}]
+    study["grid"] = [{"norm": [USER_LAYER], "depth": [first["depth"][0]], "batch_size": [first["batch_size"][0]]}]
     study.update(seeds=list(SEEDS), epochs=EPOCHS, train_subset=TRAIN_SUBSET)
     study.pop("eval_test_every_epoch", None)
-    return {"data": tiny["data"], "studies": {STUDY: study}}
+    layer = dict(tiny["norms"][USER_LAYER])
+    layer["class"] = f"{REPO / 'examples/norms.py'}:{layer['class'].rpartition(':')[2]}"
+    return {"data": tiny["data"], "norms": {USER_LAYER: layer}, "studies": {STUDY: study}}
 
 
 def run_keys(config: dict) -> list[dict]:
@@ -535,6 +539,17 @@ def test_a_job_given_a_fake_gpu_stops_with_the_reason(slurm_cluster, tmp_path):
     text = log.read_text()
     assert "this job was given a GPU (CUDA_VISIBLE_DEVICES=0), but CUDA cannot start" in text, text
     assert "NORMRES_DEVICE=cpu" in text
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_the_user_layer_ran_in_the_slurm_jobs(scenario):
+    """The runs' layer is the config's own (imported from its file inside each SLURM job), recorded
+    with its source hash."""
+    for key in scenario.keys:
+        settings = scenario.record(key)["settings"]
+        assert settings["norm"] == USER_LAYER and settings["norm_class"].endswith("examples/norms.py:RMSNorm2d")
+        assert len(settings["norm_sha256"]) == 64
 
 
 @pytest.mark.slurm
