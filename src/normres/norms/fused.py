@@ -237,10 +237,9 @@ class _FusedNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, rho, means, rstds, kinds, averaging, tau=None):  # type: ignore[override]
         scale, shift = _fold_affine(weight, bias, rho, means, rstds)
         c = x.shape[1]
-        # One mul and one in-place add: on CPUs addcmul with a broadcast first operand is not
-        # vectorised and costs 2x. Half/bfloat16 inputs are scaled in float32 (promotion), since
-        # x * a + b cancels badly in low precision when the mean is large.
-        y = torch.mul(x, scale.view(-1, c, 1, 1)).add_(shift.view(-1, c, 1, 1))  # (N, C, H, W)
+        # Half/bfloat16 inputs are scaled in float32 (promotion), since x * a + b cancels badly in
+        # low precision when the mean is large.
+        y = scale_shift(x, scale.view(-1, c, 1, 1), shift.view(-1, c, 1, 1))  # (N, C, H, W)
         if tau is not None:
             y = torch.maximum(y, tau.to(y.dtype).view(1, c, 1, 1), out=y)
         if y.dtype != x.dtype:
@@ -321,10 +320,13 @@ class _FusedNormFunction(torch.autograd.Function):
             a = coef_a.view(-1, c, 1, 1)
             if coef_b is None:  # only fixed statistics: dx = dy * A
                 dx = torch.mul(dy, a, out=buf)
-            else:  # dx = x * B + C + dy * A, three passes over buf, no further allocation
-                dx = torch.mul(x, coef_b.view(-1, c, 1, 1), out=buf)
-                if coef_c is not None:
-                    dx.add_(coef_c.view(-1, c, 1, 1))
+            else:  # dx = x * B + C + dy * A, into buf (no further allocation)
+                if coef_c is not None and memory_format_of(x) == torch.channels_last:  # see scale_shift
+                    dx = torch.addcmul(coef_c.view(-1, c, 1, 1), x, coef_b.view(-1, c, 1, 1), out=buf)
+                else:
+                    dx = torch.mul(x, coef_b.view(-1, c, 1, 1), out=buf)
+                    if coef_c is not None:
+                        dx.add_(coef_c.view(-1, c, 1, 1))
                 dx.addcmul_(dy, a)
             if in_dtype != dtype:
                 dx = dx.to(in_dtype)
@@ -408,6 +410,18 @@ def _composite_norm(
     return y.to(x.dtype)
 
 
+
+
+def scale_shift(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """``x * scale + shift`` with broadcast (N|1, C, 1, 1) operands, in x's layout.
+
+    channels_last: one addcmul pass (0.7x the time of a mul and an add on a 2-core CPU). NCHW: a mul
+    and an in-place add, since there addcmul with a broadcast first operand is not vectorised and
+    takes 1.25x as long.
+    """
+    if memory_format_of(x) == torch.channels_last:
+        return torch.addcmul(shift, x, scale)
+    return torch.mul(x, scale).add_(shift)
 
 
 def check_input(x: Tensor, num_channels: int, name: str) -> Tensor:

@@ -42,6 +42,7 @@ from normres.norms.fused import (
     memory_format_of,
     moments,
     pool,
+    scale_shift,
     stats_dtype,
 )
 from normres.registry import resolve_groups
@@ -501,6 +502,12 @@ def _sum_hw(t: Tensor) -> Tensor:
     return t.sum((2, 3))
 
 
+def _evonorm_b0_denominator(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """S = max(1, a * x + b) for a (1, C) and b (N, C): EvoNorm-B0's denominator over sigma_B."""
+    c = x.shape[1]
+    return torch.addcmul(b.view(-1, c, 1, 1), x, a.view(1, c, 1, 1)).clamp_min_(1.0)
+
+
 class _EvoNormB0Function(torch.autograd.Function):
     """EvoNorm-B0 given its statistics (constants here, their dependence on x in backward).
 
@@ -518,8 +525,10 @@ class _EvoNormB0Function(torch.autograd.Function):
 
     then through a, b, g to v, gamma, sigma_b and sigma_i, and from the variances to x:
     d_var_I = d_sigma_i / (2 sigma_i) (+ d_var_B / N in training), d_mean_I = d_var_B * 2 (mean_I -
-    mean_B) / N, added to dx as x * B + C per (n, c). S is kept from forward (one tensor) and R read
-    off it with one threshold pass; dx is written into one buffer.
+    mean_B) / N, added to dx as x * B + C per (n, c). R is read off S with one threshold pass;
+    dx is written into one buffer. Only x is kept for backward, which recomputes S (two passes): a
+    kept S costs more on the 2-core CPU, since every step then faults in more memory (ResNet-14 step:
+    1.25x torch_bn recomputing, 1.35x keeping it).
     """
 
     @staticmethod
@@ -530,11 +539,12 @@ class _EvoNormB0Function(torch.autograd.Function):
         b = sigma_i * inv  # (N, C)
         if v is None:  # S per (n, c): a per-(n, c) scale
             den = b.clamp_min(1.0)
-            y = _scale_shift(x, (g.view(1, c) / den).view(-1, c, 1, 1), bias.view(1, c, 1, 1))
+            y = scale_shift(x, (g.view(1, c) / den).view(-1, c, 1, 1), bias.view(1, c, 1, 1))
         else:
-            den = torch.addcmul(b.view(-1, c, 1, 1), x, (v * inv).view(1, c, 1, 1)).clamp_min_(1.0)  # S
-            y = torch.div(x, den)
+            y = _evonorm_b0_denominator(x, v * inv, b)  # S, then x / S * g + beta in its place
+            y = torch.div(x, y, out=y)
             y = torch.addcmul(bias.view(1, c, 1, 1), y, g, out=y)
+            den = None  # recomputed in backward: keeping it would cost more (memory) than its two passes
         ctx.save_for_backward(x, v, weight, mean, batch_mean, sigma_b, sigma_i, den)
         ctx.has_v, ctx.training = v is not None, batch_mean is not None
         return y.to(x.dtype) if y.dtype != x.dtype else y
@@ -544,13 +554,15 @@ class _EvoNormB0Function(torch.autograd.Function):
     def backward(ctx, dy):  # type: ignore[override]
         x, v, weight, mean, batch_mean, sigma_b, sigma_i, den = ctx.saved_tensors
         n, c, h, w = x.shape
-        in_dtype, dtype = x.dtype, den.dtype
+        in_dtype, dtype = x.dtype, sigma_b.dtype
         dy = dy.contiguous(memory_format=memory_format_of(x))
         if in_dtype != dtype:
             x, dy = x.to(dtype), dy.to(dtype)
         inv = 1.0 / sigma_b  # (1, C)
         g = weight * inv
         b = sigma_i * inv  # (N, C)
+        if ctx.has_v:
+            den = _evonorm_b0_denominator(x, v * inv, b)
         t1 = _sum_hw(dy)  # (N, C)
         if not ctx.has_v:  # S, R per (n, c): sums of dy and dy * x suffice
             right = (b > 1.0).to(dtype)  # (N, C)
@@ -605,39 +617,44 @@ class _EvoNormS0Function(torch.autograd.Function):
     """EvoNorm-S0 given its group statistics (constants here, their dependence on x in backward).
 
     y = a * f + beta with f = x * s, s = sigmoid(u), u = v * x (f = x without activation) and
-    a = gamma / sigma_G per (n, c). Backward, with q = dy * df/dx = dy * (s + u * s * (1 - s)) (one
-    silu_backward pass at u):
+    a = gamma / sigma_G per (n, c). Where no |v| is small (:func:`_exact_near_zero`) f is computed
+    as silu(u) / v (one silu pass instead of a sigmoid and a product). Backward, with
+    q = dy * df/dx = dy * (s + u * s * (1 - s)) (one silu_backward pass at u):
 
         dx (direct) = a * q,  d_a = sum_hw dy * f,  d_v = sum a * dy * x^2 * s * (1 - s),
         d_beta = sum dy,
 
     where d_v's sum is read off sums already made: x * q = dy * f + v * dy * x^2 * s * (1 - s), so
-    it is (sum_hw x * q - d_a) / v (two passes fewer; see :func:`_exact_near_zero` for when it is
-    summed directly, from sigmoid_backward). Then d_gamma = sum_n d_a / sigma_G and, through
+    it is (sum_hw x * q - d_a) / v (two passes fewer), or, where some |v| is small, summed directly
+    from sigmoid_backward. Then d_gamma = sum_n d_a / sigma_G and, through
     sigma_G = sqrt(var_G + eps) and the group pooling (the averaging matrix M):
     d_var_I = M d_var_G, d_mean_I = 2 (mean_I - mean_G) M d_var_G, added to dx as x * B + C per
-    (n, c). u and f are kept from forward (two tensors).
+    (n, c).
+
+    Only x is kept for backward, which recomputes u and f (two passes): on the 2-core CPU a kept
+    tensor costs more than that, since every training step then maps and faults in more memory
+    (measured on the ResNet-14 step: 1.23x torch_bn recomputing, 1.38x keeping u and f).
     """
 
     @staticmethod
     def forward(ctx, x, v, weight, bias, mean, group_mean, sigma_g, averaging):  # type: ignore[override]
         c = x.shape[1]
         a = (weight / sigma_g).view(-1, c, 1, 1)  # (N, C, 1, 1)
-        if v is None:
-            pre = gated = None
-            y = _scale_shift(x, a, bias.view(1, c, 1, 1))
-        else:
-            pre = torch.mul(x, v.view(1, c, 1, 1))  # u
-            gated = torch.sigmoid(pre).mul_(x)  # f
-            y = torch.addcmul(bias.view(1, c, 1, 1), gated, a)
-        ctx.save_for_backward(x, v, weight, mean, group_mean, sigma_g, averaging, pre, gated)
         ctx.has_v = v is not None
+        ctx.exact = ctx.has_v and _exact_near_zero(v, x)
+        if not ctx.has_v:
+            y = scale_shift(x, a, bias.view(1, c, 1, 1))
+        else:
+            y = _evonorm_s0_gated(x, v, ctx.exact)  # f, or v * f
+            scale = a if ctx.exact else a / v.view(1, c, 1, 1)
+            y = torch.addcmul(bias.view(1, c, 1, 1), y, scale, out=y)
+        ctx.save_for_backward(x, v, weight, mean, group_mean, sigma_g, averaging)
         return y.to(x.dtype) if y.dtype != x.dtype else y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):  # type: ignore[override]
-        x, v, weight, mean, group_mean, sigma_g, averaging, pre, gated = ctx.saved_tensors
+        x, v, weight, mean, group_mean, sigma_g, averaging = ctx.saved_tensors
         n, c, h, w = x.shape
         in_dtype, dtype = x.dtype, sigma_g.dtype
         dy = dy.contiguous(memory_format=memory_format_of(x))
@@ -650,7 +667,8 @@ class _EvoNormS0Function(torch.autograd.Function):
             direct = dy
             buf = torch.mul(dy, x)
             d_a = _sum_hw(buf)
-        elif _exact_near_zero(v, x):
+        elif ctx.exact:
+            pre = torch.mul(x, v.view(1, c, 1, 1))  # u
             gate = torch.sigmoid(pre)  # s
             buf = torch.mul(dy, x)
             sw = torch.ops.aten.sigmoid_backward(buf, gate)  # dy * x * s * (1 - s)
@@ -658,9 +676,10 @@ class _EvoNormS0Function(torch.autograd.Function):
             d_v = (a * _sum_hw(torch.mul(sw, x, out=buf))).sum(0)
             direct = torch.ops.aten.silu_backward.grad_input(dy, pre, grad_input=sw)  # q
         else:
+            pre = torch.mul(x, v.view(1, c, 1, 1))  # u
             direct = torch.ops.aten.silu_backward(dy, pre)  # q
-            buf = torch.mul(dy, gated)
-            d_a = _sum_hw(buf)
+            buf = torch.nn.functional.silu(pre, inplace=True).mul_(dy)  # dy * v * f
+            d_a = _sum_hw(buf) / v
             xq_sum = _sum_hw(torch.mul(x, direct, out=buf))
             d_v = (a * (xq_sum - d_a) / v).sum(0)
         d_weight = (d_a / sigma_g).sum(0).to(weight.dtype)
@@ -678,6 +697,14 @@ class _EvoNormS0Function(torch.autograd.Function):
         return dx, None if d_v is None else d_v.to(v.dtype), d_weight, d_bias, None, None, None, None
 
 
+def _evonorm_s0_gated(x: Tensor, v: Tensor, exact: bool) -> Tensor:
+    """f = x * sigmoid(v * x) (``exact``; three passes) or v * f = silu(v * x) (two), in one new tensor."""
+    pre = torch.mul(x, v.view(1, x.shape[1], 1, 1))  # u
+    if exact:
+        return pre.sigmoid_().mul_(x)
+    return torch.nn.functional.silu(pre, inplace=True)
+
+
 # Below this |v| the shortcut sums of the EvoNorm backwards (a difference of two sums divided by
 # v) would lose digits; above it their error is under 1e-5 of the gradient's size (measured in
 # float32 against float64 at |v| = 0.1; it grows as 1/|v|).
@@ -689,12 +716,3 @@ def _exact_near_zero(v: Tensor, x: Tensor) -> bool:
     below :data:`_SMALL_V`, and always on GPUs (reading v's size back would synchronize every step;
     speed there is not what the shortcut is for)."""
     return x.device.type != "cpu" or bool((v.abs() < _SMALL_V).any())
-
-
-def _scale_shift(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    """``x * scale + shift`` with broadcast (N|1, C, 1, 1) operands, in x's layout: one addcmul pass
-    in channels_last (0.7x the time of a mul and an add there), a mul and an in-place add in NCHW
-    (where addcmul with a broadcast first operand is the slower one)."""
-    if memory_format_of(x) == torch.channels_last:
-        return torch.addcmul(shift, x, scale)
-    return torch.mul(x, scale).add_(shift)
