@@ -602,7 +602,8 @@ class _EvoNormB0Function(torch.autograd.Function):
         coef_b, coef_c = _moments_coefficients(d_var, d_mean, mean, h * w)
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = torch.addcmul(coef_c.view(n, c, 1, 1), x, coef_b.view(n, c, 1, 1))
+            into = den if ctx.has_v else None  # S is no longer needed: dx takes its memory
+            dx = torch.addcmul(coef_c.view(n, c, 1, 1), x, coef_b.view(n, c, 1, 1), out=into)
             if ctx.has_v:
                 dx.addcmul_(u, g.view(1, c, 1, 1)).addcmul_(e, (-g * a).view(1, c, 1, 1))
             else:
