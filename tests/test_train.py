@@ -143,7 +143,7 @@ def test_divergence_is_recorded_and_the_saved_weights_are_finite(tmp_path, prepa
 def test_a_gpu_style_check_every_32_steps_keeps_the_last_finite_state():
     """With the GPU's check interval (32), up to 31 updates can follow the first non-finite loss; the
     model must come back to its state at the last check whose losses were all finite."""
-    model = build_model("cnn", "bn", 1, 1, 10)
+    model = build_model("cnn", "brn", 1, 1, 10)  # running statistics and a step counter
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     x, y = torch.randint(0, 256, (64 * 8, 1, 28, 28), dtype=torch.uint8), torch.arange(64 * 8) % 10
     augment = Augmentation(mean=(0.5,), std=(0.25,))
@@ -158,12 +158,12 @@ def test_a_gpu_style_check_every_32_steps_keeps_the_last_finite_state():
     with pytest.raises(T.Diverged, match="weights restored to step 31"):
         T.train_one_epoch(model, opt, x, y, 8, tracking, torch.Generator().manual_seed(0), check_every=32)
     assert len(states) == 64  # the check at step 64 found the NaNs of steps 41-64
-    expected = states[31]  # the weights of step 32, the last check whose losses were all finite
+    # the state at the check of step 32, the last whose losses were all finite: its weights (before
+    # step 32's update) and its buffers (after step 32's forward), counters included
     params = dict(model.named_parameters())
     for key, value in model.state_dict().items():
-        assert torch.isfinite(value.float()).all(), key  # running statistics too
-        if key in params:
-            assert torch.equal(value, expected[key]), key
+        assert torch.isfinite(value.float()).all(), key
+        assert torch.equal(value, (states[31] if key in params else states[32])[key]), key
 
 
 @pytest.mark.parametrize("check_every", [1, 3, 1000])

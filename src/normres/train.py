@@ -146,7 +146,7 @@ class _LastFinite:
     (on a GPU up to ``check_every - 1`` updates happen between two checks)."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.live = [t for t in model.state_dict(keep_vars=True).values() if t.is_floating_point()]
+        self.live = list(model.state_dict(keep_vars=True).values())  # counters too (batch renorm's steps)
         self.copy = [t.detach().clone() for t in self.live]
         self.step = 0
 
