@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -75,6 +74,8 @@ def make_step(norm: str, batch: int, compiled: bool = False, nchw: bool = False)
     if nchw:
         model = set_memory_format(model, torch.contiguous_format)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    if compiled:
+        torch._dynamo.reset()  # a fresh compile per variant: dynamo falls back to eager after 8 of one frame
     forward = torch.compile(model) if compiled else model
     x = torch.randn(batch, 3, 32, 32)
     y = torch.randint(0, 10, (batch,))
@@ -158,19 +159,15 @@ def small_batch_images_per_s(norm: str, batch: int, images: int, rounds: int) ->
     return max(e.images / e.seconds for e in epochs)
 
 
-def finish(proc: subprocess.Popen, out: Path) -> pd.Series:
-    _, err = proc.communicate()
+def finish(proc: subprocess.Popen, out: Path) -> tuple[pd.Series, float]:
+    """The job's last history row and its own peak RSS in GB (from its rusage: RUSAGE_CHILDREN would
+    also count the compiler's worker processes of the compiled-step rows)."""
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
         raise RuntimeError(f"training job failed:\n{err}")
-    return pd.read_csv(out / "history.csv").iloc[-1]
-
-
-def peak_rss_gb(proc_runner) -> tuple[object, float]:
-    """Run ``proc_runner()`` in a forked child and report the child's peak RSS."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    result = proc_runner()
-    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return result, max(after, before) / 1024**2  # KiB -> GiB (max over children so far)
+    return pd.read_csv(out / "history.csv").iloc[-1], usage.ru_maxrss / 1024**2  # KiB -> GiB
 
 
 def default_study_shaped(config_path: Path) -> dict:
@@ -206,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="smoke mode: small sizes, few rounds (default: off)")
     p.add_argument("--rounds", type=int, default=None, help="timing rounds (default: 7; quick: 2)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurements")
+    p.add_argument("--no-rerun", action="store_true",
+                   help="skip the nothing-to-do rerun of the default study (it first trains all its runs, tiny: ~20 min)")
     p.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     args = p.parse_args(argv)
     quick = args.quick
@@ -255,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         synthetic_cifar(resources / "cifar10" / "data.pt", n_train, 10000 if not quick else 1000)
 
         # 3. end-to-end epoch + peak RSS of one CIFAR-shaped job (2 threads)
-        hist, rss = peak_rss_gb(lambda: finish(train_job(resources, work / "e2e", 2, val, None, "cpu"), work / "e2e"))
+        hist, rss = finish(train_job(resources, work / "e2e", 2, val, None, "cpu"), work / "e2e")
         images = n_train - val
         after = interleaved({k: eager[k] for k in ("floor", "torch_bn")}, rounds, reps)
         floor_e2e = statistics.median(t["floor"] + after["floor"])
@@ -268,9 +267,9 @@ def main(argv: list[str] | None = None) -> int:
 
         # 4. two threads=1 jobs at once vs one alone (train images/s from their histories)
         subset = 1280 if quick else 10240
-        alone = finish(train_job(resources, work / "alone", 1, val, subset, "cpu"), work / "alone")["images_per_s"]
+        alone = finish(train_job(resources, work / "alone", 1, val, subset, "cpu"), work / "alone")[0]["images_per_s"]
         procs = [(train_job(resources, work / f"par{i}", 1, val, subset, "cpu"), work / f"par{i}") for i in range(2)]
-        together = sum(finish(p, out)["images_per_s"] for p, out in procs)
+        together = sum(finish(p, out)[0]["images_per_s"] for p, out in procs)
         r = together / alone
         add("two 1-thread jobs / one job (img/s)", r, ">= 1.70", r, r >= 1.70)
 
@@ -286,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         # 5. workflow overhead: dry run of the full default study; rerun with nothing to do
         dry = snakemake_seconds(["-n", "--cores", "2", "--quiet", "rules"], REPO)
         add("dry run of the default study (s)", dry, "<= 5", dry / 5, dry <= 5)
-        if not quick:
+        if not quick and not args.no_rerun:
             wd = work / "wf"
             wd.mkdir()
             for name in ("Snakefile", "config.yaml"):
@@ -303,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # 6. GPU, where there is one
         if torch.cuda.is_available():
-            hist = finish(train_job(resources, work / "gpu", 8, val, None, "cuda"), work / "gpu")
+            hist, _ = finish(train_job(resources, work / "gpu", 8, val, None, "cuda"), work / "gpu")
             add(f"ResNet-14 epoch seconds ({torch.cuda.get_device_name()})", hist["seconds"], device="cuda")
     finally:
         shutil.rmtree(work, ignore_errors=True)
