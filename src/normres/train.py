@@ -146,18 +146,19 @@ class _LastFinite:
     (on a GPU up to ``check_every - 1`` updates happen between two checks)."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.live = list(model.state_dict(keep_vars=True).values())  # counters too (batch renorm's steps)
-        self.copy = [t.detach().clone() for t in self.live]
+        # detached aliases, made once: the optimizer and the norms update these tensors in place
+        self.live = [t.detach() for t in model.state_dict(keep_vars=True).values()]  # counters too
+        self.copy = [t.clone() for t in self.live]
         self.step = 0
 
     @torch.no_grad()
     def take(self, step: int) -> None:
-        torch._foreach_copy_(self.copy, [t.detach() for t in self.live])
+        torch._foreach_copy_(self.copy, self.live)
         self.step = step
 
     @torch.no_grad()
     def restore(self) -> None:
-        torch._foreach_copy_([t.detach() for t in self.live], self.copy)
+        torch._foreach_copy_(self.live, self.copy)
 
 
 @dataclass

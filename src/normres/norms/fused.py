@@ -62,6 +62,9 @@ def stats_dtype(x: Tensor) -> torch.dtype:
 # Slabs whose mean dominates their spread (E[x^2] > this * var) lose too many digits in the
 # one-pass E[x^2] - E[x]^2 formula; their moments are recomputed in two passes.
 _CANCELLATION_RATIO = 1e3
+# Below this many elements (a batch of 2-4 CIFAR feature maps) the two-pass moments are computed
+# directly: per-op overhead, not memory traffic, sets the time there (a batch-2 ResNet-14 step).
+_TWO_PASS_BELOW = 1 << 16
 
 
 def _slab_moments(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -75,6 +78,8 @@ def _slab_moments(x: Tensor) -> tuple[Tensor, Tensor]:
     # one cheap pass each.
     hw = x.shape[2] * x.shape[3]
     mean = x.sum((2, 3)).div_(hw)  # (N, C)
+    if x.numel() <= _TWO_PASS_BELOW:  # small batches: the exact two passes take fewer ops than the check
+        return _sum_squares_hw(x - mean[..., None, None]).div_(hw), mean
     mean_sq = _sum_squares_hw(x).div_(hw)
     var = torch.addcmul(mean_sq, mean, mean, value=-1.0).clamp_(min=0.0)
     if bool(torch.gt(mean_sq, var * _CANCELLATION_RATIO).any()):  # rare: exact, two passes
@@ -347,12 +352,13 @@ def _fold_affine(
     """Per-(n, c) scale and shift, each (N|1, C), with y = x * scale + shift:
     scale = sum_k gamma_k * rstd_k and shift = bias - sum_k gamma_k * rstd_k * mean_k."""
     dtype = means[0].dtype
-    scale = shift = None
+    scale = None
+    shift = bias.to(dtype)
     for gamma_k, mean, rstd in zip(_branch_gammas(weight, rho, len(means), dtype), means, rstds):
         a_k = gamma_k * rstd
         scale = a_k if scale is None else scale + a_k
-        shift = -a_k * mean if shift is None else shift - a_k * mean
-    return scale, shift + bias.to(dtype)
+        shift = torch.addcmul(shift, a_k, mean, value=-1.0)  # (N|1, C)
+    return scale, shift
 
 
 def _branch_gammas(weight: Tensor, rho: Tensor | None, branches: int, dtype: torch.dtype) -> list[Tensor]:
