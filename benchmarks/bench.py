@@ -273,14 +273,19 @@ def main(argv: list[str] | None = None) -> int:
         r = together / alone
         add("two 1-thread jobs / one job (img/s)", r, ">= 1.70", r, r >= 1.70)
 
-        # 4b. small batches: the train loop's images/s at batch 8 and 2 against batch 128
+        # 4b. small batches: the train loop's images/s at batch 8 and 2 against batch 128. The targets are
+        # the loop's (measured with torch's kernels); gn's rows show what a hand-written layer adds.
         for norm in ("torch_bn", "gn"):
-            speed = {b: small_batch_images_per_s(norm, b, n, 1 if quick else 3)
-                     for b, n in ((128, 256 if quick else 1280), (8, 64 if quick else 320), (2, 24 if quick else 120))}  # fmt: skip
+            speed = {b: small_batch_images_per_s(norm, b, n, 1 if quick else 5)
+                     for b, n in ((128, 256 if quick else 1280), (8, 64 if quick else 400), (2, 24 if quick else 200))}  # fmt: skip
             add(f"{norm} ResNet-14 train loop img/s at batch 128", speed[128])
             for b, target in ((8, 0.4), (2, 0.15)):
                 r = speed[b] / speed[128]
-                add(f"{norm} ResNet-14 train loop at batch {b} / batch 128 (img/s)", speed[b], f">= {target}", r, r >= target)
+                name = f"{norm} ResNet-14 train loop at batch {b} / batch 128 (img/s)"
+                if norm == "torch_bn":
+                    add(name, speed[b], f">= {target}", r, r >= target)
+                else:
+                    add(f"{name}, ratio {r:.2f}", speed[b])
 
         # 5. workflow overhead: dry run of the full default study; rerun with nothing to do
         dry = snakemake_seconds(["-n", "--cores", "2", "--quiet", "rules"], REPO)
