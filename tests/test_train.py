@@ -1,4 +1,5 @@
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -276,3 +277,25 @@ def test_configure_torch_follows_threads_and_is_deterministic_without_nan_fillin
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["1", "True", "False", "False"]
+
+
+@pytest.mark.parametrize("compile_", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_a_cpu_training_job_keeps_triton_out_unless_it_compiles(tmp_path, prepared, compile_):
+    """A training job's process (standalone) on the CPU without compile never imports triton, which
+    torch.optim's import of dynamo would otherwise map in (~100 MB); a compiling one leaves it be."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")  # installed with torch's CUDA wheels, as pinned here
+    code = (
+        "import sys, json; from conftest import settings_for; from normres.train import train_run; "
+        f"s = settings_for(epochs=1, compile={compile_}); "
+        f"train_run(s, {str(prepared)!r}, {str(tmp_path / 'run')!r}, device='cpu', standalone=True, log=lambda m: None); "
+        "t = sys.modules.get('triton', 'never imported'); print(json.dumps('blocked' if t is None else str(type(t))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parent,
+                         timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = out.stdout.split()[-1]
+    assert (result == '"blocked"') == (not compile_), result
+    assert (tmp_path / "run" / "model.pt").exists()

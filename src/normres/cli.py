@@ -187,7 +187,7 @@ def _train(args: argparse.Namespace) -> None:
     data = Path(args.resources) / settings.dataset / "data.pt"
     if not data.exists():
         raise ValueError(f"{data} does not exist: run 'normres prepare {settings.dataset}' first")
-    train_run(settings, data, out, threads=args.threads, device=args.device)
+    train_run(settings, data, out, threads=args.threads, device=args.device, standalone=True)
     print(f"wrote {out}/model.pt, history.csv, run.json")
 
 

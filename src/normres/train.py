@@ -32,7 +32,7 @@ from normres.augment import Augmentation
 from normres.columns import HISTORY_COLUMNS
 from normres.config import OptimizerSettings, RunSettings, ScheduleSettings
 from normres.datasets import RunData, batches, load_run_data
-from normres.device import autocast, configure_torch, select_device, synchronize
+from normres.device import autocast, configure_torch, keep_triton_out, select_device, synchronize
 from normres.evaluate import evaluate
 from normres.io import git_commit, hardware, load_torch, package_versions, save_torch, write_csv, write_json
 from normres.models import build_model, count_parameters, save_model
@@ -322,11 +322,14 @@ def train_run(
     threads: int = 1,
     device: str | None = None,
     log: Callable[[str], None] = print,
+    standalone: bool = False,
 ) -> dict[str, Any]:
     """Train one run and write ``model.pt``, ``history.csv`` and ``run.json`` into ``out_dir``.
 
     A ``checkpoint.pt`` of the same settings left by a killed job is resumed from; it is written
     atomically after every epoch and removed when the run ends. Returns the run record.
+    ``standalone``: the process exists for this run alone (a training job), so a CPU run without
+    ``compile`` keeps triton out of it (:func:`normres.device.keep_triton_out`).
     """
     started = datetime.now(timezone.utc)
     wall0 = time.perf_counter()
@@ -335,6 +338,8 @@ def train_run(
     for leftover in out_dir.glob(".*.tmp"):  # half-written files of a killed job
         leftover.unlink()
     dev = select_device(device)
+    if standalone and dev.type == "cpu" and not settings.compile:
+        keep_triton_out()
     runtime = configure_torch(threads, dev, settings.deterministic, settings.tf32, compiling=settings.compile)
     data = load_run_data(data_path, settings, dev)
     torch.manual_seed(settings.seed)

@@ -13,4 +13,5 @@ with log_to(snakemake.log[0]) as log:
         Path(snakemake.output.model).parent,
         threads=snakemake.threads,
         log=log,
+        standalone=True,
     )
