@@ -32,7 +32,8 @@ a machine with a GPU. Step timings are interleaved across variants and reported 
 rounds, because these machines are noisy. ``--quick`` shrinks everything so that CI can check that the benchmark works; its
 ratios are indicative only.
 
-    python benchmarks/bench.py            # the full benchmark (~10 min on 2 cores)
+    python benchmarks/bench.py            # the full benchmark (~40 min on 2 cores)
+    python benchmarks/bench.py --no-rerun # without the rerun row, which trains 168 tiny runs first (~12 min)
     python benchmarks/bench.py --quick    # smoke mode (~2 min)
 """
 
