@@ -53,9 +53,9 @@ def local_gpus() -> int:
     return len(list(Path("/dev").glob("nvidia[0-9]*")))
 
 
-def keep_triton_out() -> bool:
+def keep_triton_out() -> None:
     """In a process that trains one run on the CPU without ``torch.compile``: keep torch from
-    importing triton. Returns whether it was kept out (False once something imported it).
+    importing triton (unless something already did).
 
     An optimizer's first use imports ``torch._dynamo``, which imports triton (installed with torch's
     CUDA wheels) only to learn whether it is there: 100 MB of resident libraries in a CPU job that
@@ -63,10 +63,7 @@ def keep_triton_out() -> bool:
     without. Marked absent, triton is what torch takes it for on a CPU-only install. Not for a
     process that may still compile, or train on a GPU, later.
     """
-    if "triton" in sys.modules:
-        return sys.modules["triton"] is None
-    sys.modules["triton"] = None  # type: ignore[assignment]  # import triton -> ImportError
-    return True
+    sys.modules.setdefault("triton", None)  # type: ignore[arg-type]  # import triton -> ImportError
 
 
 def _cuda_problem() -> str | None:
