@@ -82,14 +82,20 @@ def test_the_train_rule_declares_a_gpu_resource():
     assert "--resources gpu=" in (REPO / "README.md").read_text()
 
 
-def test_the_benchmarks_cpu_rows_run_on_the_cpu(monkeypatch, tmp_path):
-    """On a GPU machine the bench's CPU rows (end-to-end epoch, peak RSS, parallel jobs) must not
-    silently run on the GPU: each training job it starts names its device."""
+def _bench():
+    """benchmarks/bench.py as a module (it is a script, not part of the package)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("bench", REPO / "benchmarks/bench.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_the_benchmarks_cpu_rows_run_on_the_cpu(monkeypatch, tmp_path):
+    """On a GPU machine the bench's CPU rows (end-to-end epoch, peak RSS, parallel jobs) must not
+    silently run on the GPU: each training job it starts names its device."""
+    bench = _bench()
     started = []
     monkeypatch.setattr(bench.subprocess, "Popen", lambda cmd, **kw: started.append(cmd))
     bench.train_job(tmp_path, tmp_path / "out", 1, 100, None, "cpu")
@@ -103,11 +109,7 @@ def test_the_benchmarks_peak_rss_is_the_jobs_own(tmp_path):
     """Linux carries a process's RSS high-water mark across fork and exec, so a job started straight
     from the benchmark (which holds compiled models) was charged for the benchmark's memory; the
     launcher it starts jobs through reports the job's own peak."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench", REPO / "benchmarks/bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench()
     held = bytearray(600 * 1024**2)
     held[:: 4096] = b"\x01" * len(held[:: 4096])  # resident in this process
     small = "import pathlib; pathlib.Path('history.csv').write_text('seconds\\n1\\n')"
